@@ -1,0 +1,226 @@
+"""Typed stage configs: dataclasses loaded from YAML recipes, overridden with ``--set a.b=value``.
+
+Every stage declares one dataclass. ``load_config`` reads a recipe (a packaged name such as ``demo``
+or a path), applies overrides and builds the dataclass strictly: an unknown key is an error that
+names it and suggests the closest valid keys, and a value of the wrong type names the field and the
+type it expects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Sequence, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+RECIPE_DIRS = {
+    "run": Path(__file__).parent / "recipes",
+    "tokenizer": Path(__file__).parent.parent / "tokenizer" / "recipes",
+    "pretrain": Path(__file__).parent.parent / "pretrain" / "recipes",
+}
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the stage's config."""
+
+
+def list_recipes(stage: str) -> list[str]:
+    directory = RECIPE_DIRS[stage]
+    return sorted(p.stem for p in directory.glob("*.yaml"))
+
+
+def resolve_recipe(recipe: str | Path, stage: str) -> Path:
+    """A packaged recipe name (``demo``) or a path to a YAML file."""
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {path}")
+        return path
+    candidate = RECIPE_DIRS[stage] / f"{recipe}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = list_recipes(stage)
+    hint = difflib.get_close_matches(str(recipe), known, n=3)
+    raise ConfigError(
+        f"no {stage} recipe named {recipe!r}; packaged recipes: {', '.join(known) or 'none'}"
+        + (f" (did you mean {', '.join(hint)}?)" if hint else "")
+    )
+
+
+def load_config(
+    cls: type[T],
+    recipe: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    stage: str | None = None,
+) -> T:
+    """Build ``cls`` from a recipe plus ``key.sub=value`` overrides."""
+    data: dict[str, Any] = {}
+    where = "defaults"
+    if recipe is not None:
+        path = resolve_recipe(recipe, stage or "run")
+        where = str(path)
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a recipe must be a mapping, got {type(loaded).__name__}")
+        data = loaded
+    data = apply_overrides(data, overrides)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``a.b=3`` sets ``data['a']['b'] = 3``; values are parsed as YAML scalars/lists."""
+    out = _deep_copy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = out
+        for k in keys[:-1]:
+            child = node.get(k)
+            if not isinstance(child, dict):
+                child = {}
+                node[k] = child
+            node = child
+        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), list(fields), n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(repr(prefix + c) for c in close)}?" if close else ""
+        raise ConfigError(
+            f"unknown key {prefix + str(key)!r}{hint} (valid keys: {', '.join(sorted(fields))})"
+        )
+    kwargs = {name: _coerce(data[name], hints[name], prefix + name) for name in fields if name in data}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, Path):
+            return str(v)
+        return v
+
+    return plain(cfg)
+
+
+def dump_config(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Any, directory: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config beside a stage's outputs (atomically)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(dump_config(cfg))
+    tmp.replace(path)
+    return path
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arm in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arm, name)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{name}: expected one of {list(args)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, prefix=name + ".")
+    if origin in (list, tuple, Sequence) or tp in (list, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{name}: expected {len(args)} items, got {len(value)}")
+            return tuple(_coerce(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{name}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple or tp is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        val_tp = args[1] if args else Any
+        return {k: _coerce(v, val_tp, f"{name}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected bool (true/false), got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{name}: expected int, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-3" as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}: expected float, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{name}: expected str, got {value!r}")
+    if tp is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+        raise ConfigError(f"{name}: expected a path, got {value!r}")
+    raise ConfigError(f"{name}: unsupported config type {_type_name(tp)}")
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
