@@ -1,0 +1,211 @@
+"""The token cache's on-disk format: WebDataset tar shards plus a Parquet manifest (the contract).
+
+``tokens/<tokenizer_id>/``
+    ``shard-000000.tar`` …  one sample = ``<key>.<fmt>`` (source bytes, unchanged), ``<key>.tokens.npy``
+                           (uint16 ``[V, h, w]``), ``<key>.views.json``, ``<key>.cls`` when labelled
+    ``cache.json``         what made the cache: tokenizer id/kind/vocab/grid/input size, source, views
+    ``errors.parquet``     inputs that could not be used: key, source, reason
+    ``manifest.parquet``   one row per shard; written last and atomically: no manifest, no cache
+
+Tars are written deterministically (sorted members, zero mtimes and owners), so the same input gives
+byte-identical shards and the same sha256 on any machine. Nothing in a shard is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.views import View, views_from_json, views_to_json
+
+MANIFEST = "manifest.parquet"
+ERRORS = "errors.parquet"
+CACHE_INFO = "cache.json"
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("samples", pa.int64()),
+        ("bytes", pa.int64()),
+        ("sha256", pa.string()),
+        ("tokenizer_id", pa.string()),
+        ("source_fingerprint", pa.string()),
+        ("views", pa.int32()),
+        ("created", pa.timestamp("s", tz="UTC")),
+    ]
+)
+ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("reason", pa.string())])
+
+
+class CacheError(RuntimeError):
+    """A token cache that is missing, incomplete, stale or corrupt; the message says what to run."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+@dataclass
+class CacheSample:
+    key: str
+    image: bytes
+    fmt: str
+    tokens: np.ndarray  # uint16 [V, h, w]
+    width: int
+    height: int
+    views: list[View]
+    label: int | None
+
+
+def tokens_to_npy(tokens: np.ndarray) -> bytes:
+    if tokens.ndim != 3:
+        raise ValueError(f"tokens must be [V, h, w], got shape {tokens.shape}")
+    if tokens.size and int(tokens.max()) > np.iinfo(np.uint16).max:
+        raise ValueError("token ids do not fit uint16")
+    buf = io.BytesIO()
+    np.save(buf, tokens.astype(np.uint16), allow_pickle=False)
+    return buf.getvalue()
+
+
+def tokens_from_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def encode_sample(
+    key: str, image: bytes, fmt: str, tokens: np.ndarray, width: int, height: int, views: list[View], label: int | None
+) -> dict[str, bytes]:
+    """A cache sample as WebDataset members: ``{extension: bytes}`` plus ``__key__``."""
+    if "." in key:
+        raise ValueError(f"sample key {key!r} contains a dot")
+    if tokens.shape[0] != len(views):
+        raise ValueError(f"{len(views)} views but tokens for {tokens.shape[0]}")
+    members = {
+        "__key__": key.encode(),
+        fmt: image,
+        "tokens.npy": tokens_to_npy(tokens),
+        "views.json": views_to_json(width, height, views),
+    }
+    if label is not None:
+        members["cls"] = str(int(label)).encode()
+    return members
+
+
+def decode_sample(sample: dict[str, Any]) -> CacheSample:
+    """The inverse of ``encode_sample`` on what ``webdataset`` (or ``read_shard``) yields."""
+    key = sample["__key__"]
+    key = key.decode() if isinstance(key, bytes) else key
+    fmt = next((k for k in sample if k not in ("__key__", "__url__", "__local_path__", "tokens.npy", "views.json", "cls")), None)
+    if fmt is None:
+        raise CacheError(f"sample {key!r} has no image member")
+    width, height, views = views_from_json(sample["views.json"])
+    label = int(sample["cls"]) if "cls" in sample else None
+    return CacheSample(key, sample[fmt], fmt, tokens_from_npy(sample["tokens.npy"]), width, height, views, label)
+
+
+def shard_bytes(samples: Iterable[dict[str, bytes]]) -> bytes:
+    """A deterministic tar: members in sample order, then extension order; no times, no owners."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for sample in samples:
+            key = sample["__key__"].decode() if isinstance(sample["__key__"], bytes) else sample["__key__"]
+            for ext in sorted(k for k in sample if k != "__key__"):
+                data = sample[ext]
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                info.mtime = 0
+                info.mode = 0o644
+                tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def write_shard(location: str, samples: Iterable[dict[str, bytes]]) -> tuple[int, int, str]:
+    """Write a shard atomically; returns (samples, bytes, sha256)."""
+    samples = list(samples)
+    data = shard_bytes(samples)
+    storage.write_bytes_atomic(location, data)
+    return len(samples), len(data), hashlib.sha256(data).hexdigest()
+
+
+def read_shard(location: str) -> list[dict[str, bytes]]:
+    """All samples of one shard as ``{ext: bytes, "__key__": str}`` (tests, verify, reports)."""
+    data = storage.read_bytes(location)
+    samples: list[dict[str, Any]] = []
+    current: dict[str, Any] | None = None
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tf:
+        for member in tf:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.partition(".")
+            if current is None or current["__key__"] != key:
+                current = {"__key__": key}
+                samples.append(current)
+            current[ext] = tf.extractfile(member).read()
+    return samples
+
+
+def write_parquet_atomic(location: str, table: pa.Table) -> None:
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    storage.write_bytes_atomic(location, buf.getvalue().to_pybytes())
+
+
+def read_parquet(location: str) -> pa.Table:
+    return pq.read_table(pa.BufferReader(storage.read_bytes(location)))
+
+
+def write_manifest(cache_dir: str, rows: list[dict[str, Any]]) -> None:
+    rows = sorted(rows, key=lambda r: r["shard"])
+    write_parquet_atomic(storage.join(cache_dir, MANIFEST), pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))
+
+
+def read_manifest(cache_dir: str) -> list[dict[str, Any]]:
+    path = storage.join(cache_dir, MANIFEST)
+    if not storage.exists(path):
+        raise CacheError(
+            f"{cache_dir} has no {MANIFEST}: the cache is incomplete (a build was interrupted or is running); "
+            f"rerun `mimflow tokens build` (it resumes) or `mimflow tokens refresh`"
+        )
+    return read_parquet(path).to_pylist()
+
+
+def write_errors(cache_dir: str, errors: list[dict[str, str]]) -> None:
+    table = pa.Table.from_pylist(sorted(errors, key=lambda e: e["key"]), schema=ERRORS_SCHEMA)
+    write_parquet_atomic(storage.join(cache_dir, ERRORS), table)
+
+
+def read_cache_info(cache_dir: str) -> dict[str, Any]:
+    path = storage.join(cache_dir, CACHE_INFO)
+    if not storage.exists(path):
+        raise CacheError(f"{cache_dir} is not a token cache (no {CACHE_INFO})")
+    return json.loads(storage.read_bytes(path))
+
+
+def check_cache(cache_dir: str, expected_tokenizer_id: str | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(cache info, manifest rows) of a complete cache made by the expected tokenizer, else CacheError."""
+    info = read_cache_info(cache_dir)
+    rows = read_manifest(cache_dir)
+    if expected_tokenizer_id is not None:
+        found = {r["tokenizer_id"] for r in rows} | {info.get("tokenizer_id")}
+        if found != {expected_tokenizer_id}:
+            raise CacheError(
+                f"token cache {cache_dir} was made by tokenizer {', '.join(sorted(map(str, found)))} "
+                f"but the configured tokenizer is {expected_tokenizer_id}; regenerate it with "
+                f"`mimflow tokens refresh --tokenizer <tokenizer dir> --source <source> --out {Path(str(cache_dir)).parent}`"
+            )
+    if not rows:
+        raise CacheError(f"token cache {cache_dir} is empty (its manifest lists no shards)")
+    return info, rows
+
+
+def shard_urls(cache_dir: str, rows: list[dict[str, Any]]) -> list[str]:
+    return [storage.join(cache_dir, r["shard"]) for r in rows]
