@@ -8,10 +8,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from typing import TYPE_CHECKING
 
-from pipeline.images import BadImageError, decode_rgb
-from pipeline.sources import BadInput, Sample, open_source
+if TYPE_CHECKING:  # runtime imports live in the functions: `mimflow --help` must not load torch
+    from PIL import Image
 
 
 @dataclass
@@ -30,12 +30,15 @@ class SourceSummary:
 
 def summarise(spec: str, *, limit: int | None = None, keep: int = 64):
     """Scan up to ``limit`` items (all by default): counts, sizes, errors, and ``keep`` decoded samples."""
+    from pipeline.images import BadImageError, decode_rgb
+    from pipeline.sources import BadInput, Sample, open_source
+
     source = open_source(spec)
     summary = SourceSummary(spec, source.kind, len(source), fingerprint=source.fingerprint())
     classes: collections.Counter = collections.Counter()
     sizes: collections.Counter = collections.Counter()
     formats: collections.Counter = collections.Counter()
-    shown: list[tuple[Image.Image, str]] = []
+    shown: list[tuple["Image.Image", str]] = []
     for item in source:
         if limit is not None and summary.scanned >= limit:
             break
@@ -62,8 +65,10 @@ def summarise(spec: str, *, limit: int | None = None, keep: int = 64):
     return summary, shown
 
 
-def preview_grid(samples: list[tuple[Image.Image, str]], cell: int = 96, columns: int = 8) -> Image.Image:
+def preview_grid(samples: list[tuple["Image.Image", str]], cell: int = 96, columns: int = 8) -> "Image.Image":
     """A grid of thumbnails, each captioned with its label."""
+    from PIL import Image, ImageDraw
+
     rows = max(1, -(-len(samples) // columns))
     caption = 12
     grid = Image.new("RGB", (columns * cell, rows * (cell + caption)), (255, 255, 255))
