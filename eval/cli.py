@@ -6,7 +6,9 @@ from pipeline.cli import not_built
 
 
 def register(sub) -> None:
-    p = sub.add_parser("codebook", help="codebook utilisation report (FAISS)")
-    p.set_defaults(handler=not_built("codebook", "issue #6"))
-    p = sub.add_parser("eval", help="kNN, linear probe and fine-tune evaluation")
-    p.set_defaults(handler=not_built("eval", "issue #7"))
+    from eval.codebook.cli import register_codebook
+
+    register_codebook(sub)  # codebook (issue #6)
+    from eval.eval_cli import register_eval
+
+    register_eval(sub)  # eval (issue #7)

@@ -1,0 +1,355 @@
+"""infra/: the loopback Ray head (start/status/env/stop by PID), the `ray job submit` wrapper, and the
+deployment manifests. The e2e tests start real heads; the rest are fast and start nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # infra/ is tooling, not part of the installed package
+    sys.path.insert(0, str(REPO))
+
+from infra import local_cluster as lc  # noqa: E402
+from infra import submit as sub  # noqa: E402
+
+RAY_CLI = [sys.executable, "-m", "ray.scripts.scripts"]
+SMALL_STORE = str(100 * 2**20)  # object store bytes for test heads (Ray's minimum is ~75 MiB)
+
+
+# --------------------------------------------------------------------------------------------------
+# Manifests and containers
+
+
+def _walk(node, key):
+    """Every value stored under `key` anywhere in a parsed YAML tree."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key:
+                yield v
+            yield from _walk(v, key)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _walk(v, key)
+
+
+def _containers(doc):
+    for conts in _walk(doc, "containers"):
+        yield from conts
+
+
+def _assert_no_inline_secrets(doc, where):
+    for env in _walk(doc, "env"):
+        for e in env if isinstance(env, list) else []:
+            if re.search(r"SECRET|TOKEN|PASSWORD|ACCESS_KEY|CREDENTIAL", e["name"], re.I):
+                assert "value" not in e and "secretKeyRef" in e.get("valueFrom", {}), (
+                    f"{where}: env {e['name']} must come from a Secret, not an inline value")
+    assert "kind: Secret" not in yaml.safe_dump(doc)
+
+
+def _assert_token_auth(container, where):
+    env = {e["name"]: e for e in container.get("env", [])}
+    assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{where}: token auth not on"
+    ref = env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef", {})
+    assert ref.get("name") and ref.get("key"), f"{where}: RAY_AUTH_TOKEN must reference a Secret"
+
+
+def test_kuberay_manifests_parse_and_are_complete():
+    docs = {p.name: yaml.safe_load(p.read_text()) for p in sorted((REPO / "infra/k8s").glob("*.yaml"))}
+    assert set(docs) == {"raycluster.yaml", "rayjob-tokenize.yaml", "rayjob-pretrain.yaml", "rayjob-eval.yaml"}
+    for name, doc in docs.items():
+        assert doc["apiVersion"] == "ray.io/v1", name
+        assert doc["metadata"]["name"], name
+        _assert_no_inline_secrets(doc, name)
+        containers = list(_containers(doc))
+        assert containers, name
+        for c in containers:
+            assert c["image"], name
+            _assert_token_auth(c, f"{name}:{c['name']}")
+
+    rc = docs["raycluster.yaml"]
+    assert rc["kind"] == "RayCluster"
+    head = rc["spec"]["headGroupSpec"]
+    assert head["serviceType"] == "ClusterIP"
+    gpu_groups = [g for g in rc["spec"]["workerGroupSpecs"]
+                  if any("nvidia.com/gpu" in c["resources"]["limits"] for c in g["template"]["spec"]["containers"])]
+    assert gpu_groups, "RayCluster needs a GPU worker group"
+    _assert_token_auth(rc["spec"]["autoscalerOptions"], "autoscaler")
+
+    for stage, module in (("tokenize", "tokenizer"), ("pretrain", "pretrain"), ("eval", "eval")):
+        job = docs[f"rayjob-{stage}.yaml"]
+        assert job["kind"] == "RayJob"
+        spec = job["spec"]
+        assert spec["entrypoint"].startswith(f"python -m {module} "), spec["entrypoint"]
+        assert "s3://" in spec["entrypoint"] and not re.search(r"--set \w[\w.]*=(?!s3://)[^ ]*/", spec["entrypoint"].replace("'", "")), \
+            f"{stage}: data locations must be object-store URIs"
+        assert "rayClusterSpec" in spec or "clusterSelector" in spec
+        assert spec["rayClusterSpec"]["workerGroupSpecs"]
+        assert isinstance(spec["shutdownAfterJobFinishes"], bool)
+        assert "working_dir" not in spec.get("runtimeEnvYAML", ""), "images carry the code; no upload"
+
+
+def test_cluster_launcher_example():
+    doc = yaml.safe_load((REPO / "infra/cluster-launcher/aws-gpu.yaml").read_text())
+    for key in ("cluster_name", "provider", "available_node_types", "head_node_type",
+                "head_start_ray_commands", "worker_start_ray_commands"):
+        assert key in doc, key
+    assert doc["head_node_type"] in doc["available_node_types"]
+    assert doc["provider"]["type"] == "aws"
+    head_cmd = " ".join(doc["head_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token" in head_cmd and "--dashboard-host=127.0.0.1" in head_cmd
+    assert "RAY_AUTH_MODE=token" in " ".join(doc["worker_start_ray_commands"])
+    # the token reaches the nodes from outside the repo, never inline
+    for remote, local in doc.get("file_mounts", {}).items():
+        assert local.startswith("~/") or local.startswith("/"), local
+    _assert_no_inline_secrets(doc, "aws-gpu.yaml")
+
+
+def test_dockerfiles_install_every_package_and_swap_faiss():
+    pyproject = (REPO / "pyproject.toml").read_text()
+    include = re.search(r"include\s*=\s*\[([^\]]*)\]", pyproject).group(1)
+    packages = [p.strip().strip('"').rstrip("*") for p in include.split(",") if p.strip()]
+    for name in ("Dockerfile", "Dockerfile.cuda"):
+        text = (REPO / "infra/docker" / name).read_text()
+        for pkg in packages:  # a package added to pyproject but not copied would be missing at run time
+            assert re.search(rf"^COPY {pkg} ", text, re.M), f"{name} does not COPY {pkg}/"
+        assert 'ENTRYPOINT ["mimflow"]' in text
+        assert re.search(r'pip install "\.\[', text), name
+    assert (REPO / "infra/docker/Dockerfile").read_text().count("FROM python:3.11-slim") == 1
+    cuda = (REPO / "infra/docker/Dockerfile.cuda").read_text()
+    assert re.search(r"^FROM \$\{CUDA_IMAGE\}", cuda, re.M) and "nvidia/cuda:" in cuda
+    assert "python3.11" in cuda  # same Python as the CPU head
+    i_uninstall = cuda.index("pip uninstall -y faiss-cpu")
+    assert i_uninstall < cuda.index("--force-reinstall \"faiss-gpu")
+    ignore = (REPO / ".dockerignore").read_text().split()
+    for must in (".git", ".venv", "runs", "demo-out", ".env", "**/auth_token"):
+        assert must in ignore, must
+
+
+# --------------------------------------------------------------------------------------------------
+# Submit wrapper (no cluster)
+
+
+def test_submit_command_per_stage(tmp_path):
+    for stage, tail in (("tokenizer", ["python", "-m", "tokenizer"]), ("pretrain", ["python", "-m", "pretrain"]),
+                        ("eval", ["python", "-m", "eval"]),
+                        ("codebook", ["python", "-m", "pipeline", "codebook", "report"]),
+                        ("refresh", ["python", "-m", "pipeline", "tokens", "refresh"])):
+        cmd = sub.build_command(stage, ["--config", "demo"], address="http://127.0.0.1:1", submission_id="j1",
+                                working_dir=tmp_path, no_wait=True)
+        cut = cmd.index("--")
+        assert cmd[cut + 1:] == tail + ["--config", "demo"]
+        assert cmd[cmd.index("--address") + 1] == "http://127.0.0.1:1"
+        assert "--no-wait" in cmd[:cut] and cmd[cmd.index("--submission-id") + 1] == "j1"
+        renv = json.loads(cmd[cmd.index("--runtime-env-json") + 1])
+        for must in (".git", ".venv", "/runs", "/demo-out", "/bench/results", "/data", "auth_token", ".env"):
+            assert must in renv["excludes"], must
+    no_upload = sub.build_command("eval", [], address="http://x:1", submission_id="j", working_dir=None)
+    assert "--working-dir" not in no_upload and "--runtime-env-json" not in no_upload
+    with pytest.raises(sub.SubmitError, match="unknown stage"):
+        sub.build_command("train", [], address="http://x:1", submission_id="j", working_dir=None)
+
+
+def test_relative_data_paths_are_warned_about(tmp_path):
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text("tokens:\n  out: rel/tokens\nsource: /abs/images\nepochs: 3\n")
+    warns = sub.relative_path_warnings(
+        ["--source", "images", "--out=/abs/out", "--tokens", "s3://b/t", "--set", "data.tokens=runs/tok",
+         "--set", "data.tokenizer=/abs/tok", "--set", "optim.lr=1e-3", "--set", "source=shapes?n=10",
+         "--train", "idx:data/mnist?split=train", "--test", "idx:/data/mnist?split=test",
+         "--encoder", "~/enc", "--config", str(cfg), "--config", "demo"], cwd=tmp_path)
+    flagged = [w.split(" is a relative path")[0] for w in warns]
+    assert flagged == ["--source 'images'", "--set data.tokens='runs/tok'", "--train 'idx:data/mnist?split=train'",
+                       "--encoder '~/enc'", f"{cfg}: tokens.out='rel/tokens'"], flagged
+    assert all("absolute path" in w and "URI" in w for w in warns)
+
+
+def test_upload_estimate_follows_excludes_and_gitignore(tmp_path):
+    wd = tmp_path / "wd"
+    files = {
+        "pkg/a.py": 10, ".gitignore": 6, "pkg/x.log": 5000,
+        ".git/objects/big": 3_000_000, ".venv/lib/big.so": 3_000_000, "data/images.tar": 3_000_000,
+        "runs/ckpt.pt": 3_000_000, "pkg/__pycache__/a.pyc": 100, ".env": 20, "auth_token": 64,
+        "pkg/data/keep.txt": 7,  # only a top-level data/ is excluded
+    }
+    for rel, size in files.items():
+        p = wd / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"*.log\n" if rel == ".gitignore" else b"x" * size)
+    est = sub.estimate_upload(wd, sub.DEFAULT_EXCLUDES)
+    assert est is not None
+    assert sorted(p for _, p in est.largest) == [".gitignore", "pkg/a.py", "pkg/data/keep.txt"]
+    assert est.files == 3 and est.bytes == 23
+
+    with pytest.raises(sub.SubmitError, match="over Ray's"):  # refused here, before Ray is asked
+        sub.submit("eval", [], address="http://127.0.0.1:9", working_dir=wd, max_upload_mib=1e-5, dry_run=True)
+    res = sub.submit("eval", ["--config", "demo"], address="http://127.0.0.1:9", working_dir=wd, dry_run=True)
+    assert res.command[-4:] == ["-m", "eval", "--config", "demo"]
+
+    repo = sub.estimate_upload(REPO, sub.DEFAULT_EXCLUDES)  # the real upload stays far below 100 MiB
+    assert repo.mib < sub.UPLOAD_LIMIT_MIB / 4, repo.largest
+    assert not any(p.startswith((".git/", ".venv/")) for _, p in repo.largest)
+
+
+def test_submit_without_a_cluster_says_how_to_get_one(tmp_path):
+    with pytest.raises(sub.SubmitError, match="python -m infra.local_cluster start"):
+        sub.resolve_target(None, tmp_path / "no-cluster")
+    t = sub.resolve_target("http://10.0.0.1:8265", tmp_path / "no-cluster")
+    assert t.address == "http://10.0.0.1:8265"
+    t = sub.resolve_target(None, None, base_env={"RAY_API_SERVER_ADDRESS": "http://h:8265"})
+    assert t.address == "http://h:8265"
+
+
+# --------------------------------------------------------------------------------------------------
+# Local cluster, without starting one
+
+
+def test_ports_are_free_distinct_and_outside_the_ephemeral_range():
+    import random
+
+    singles, (wlo, whi) = lc._pick_ports(random.Random(0))
+    assert set(singles) == set(lc.SINGLE_PORTS)
+    ports = list(singles.values()) + list(range(wlo, whi + 1))
+    assert whi - wlo + 1 == lc.WORKER_PORTS and len(set(ports)) == len(ports)
+    eph_lo, eph_hi = lc._ephemeral_range()
+    assert not any(eph_lo <= p <= eph_hi for p in ports)
+    assert all(p >= 20000 for p in ports)  # clear of Ray's defaults (6379, 8265, 10001, 10002-19999)
+
+
+def test_start_refuses_a_temp_dir_too_long_for_ray_sockets(tmp_path):
+    long_dir = tmp_path / ("x" * 60)
+    with pytest.raises(lc.ClusterError, match="107 bytes"):
+        lc.start_cluster(1, tmp_path / "state", long_dir)
+    assert lc.load_cluster(tmp_path / "state") is None
+
+
+def test_status_and_stop_without_a_cluster(tmp_path, capsys):
+    assert lc.cluster_status(tmp_path)["state"] == "absent"
+    assert lc.stop_cluster(tmp_path) == []
+    assert lc.main(["status", "--state-dir", str(tmp_path)]) == 1
+    assert "no cluster recorded" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------
+# Real heads
+
+
+def _http_status(url: str, headers: dict[str, str]) -> int:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(urllib.request.Request(url, headers=headers), timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def _shell_env(text: str, base: dict[str, str]) -> dict[str, str]:
+    env = dict(base)
+    for line in text.splitlines():
+        words = shlex.split(line)
+        if words and words[0] == "export":
+            k, _, v = words[1].partition("=")
+            env[k] = v
+        elif words and words[0] == "unset":
+            for k in words[1:]:
+                env.pop(k, None)
+    return env
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_local_cluster_script_start_submit_stop(tmp_path):
+    """The script's whole life cycle on one real head: start, status, loopback-only ports, token auth,
+    a busy state dir refused, a trivial `ray job submit`, a failing stage job whose own error shows in
+    `ray job logs`, stop by PID."""
+    state = tmp_path / "cluster"
+
+    def script(*args, timeout=180):
+        return subprocess.run([sys.executable, "-m", "infra.local_cluster", "--state-dir", str(state), *args],
+                              cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+    seen: dict[int, int] = {}
+    try:
+        r = script("start", "--num-cpus", "1", "--object-store-memory", SMALL_STORE)
+        assert r.returncode == 0, r.stdout + r.stderr
+        info = lc.load_cluster(state)
+        assert info is not None and info.auth_mode == "token"
+        assert f"RAY_ADDRESS={info.dashboard_url}" in r.stdout and info.address in r.stdout
+        assert (info.token_path.stat().st_mode & 0o777) == 0o600
+
+        r = script("status")
+        assert r.returncode == 0 and "running" in r.stdout and info.dashboard_url in r.stdout, r.stdout
+
+        for name, port in info.ports.items():  # everything Ray listens on is loopback-only
+            addrs = lc.listening_addresses(port)
+            assert addrs and addrs <= lc.LOOPBACK_HEX, (name, port, addrs)
+
+        jobs_api = info.dashboard_url + "/api/jobs/"
+        assert _http_status(jobs_api, {}) == 401  # token auth is on ...
+        assert _http_status(jobs_api, info.auth_headers()) == 200  # ... and our token opens it
+
+        r = script("start", "--num-cpus", "1")  # the state dir is busy: refused, nothing started
+        assert r.returncode != 0 and "already holds a running Ray cluster" in r.stderr, r.stderr
+        assert lc.load_cluster(state).launcher_pid == info.launcher_pid
+
+        r = script("env")
+        assert r.returncode == 0 and "RAY_API_SERVER_ADDRESS" in r.stdout
+        env = _shell_env(r.stdout, {k: v for k, v in os.environ.items() if not k.startswith("RAY_")})
+
+        def ray_job(*args):
+            return subprocess.run(RAY_CLI + ["job", *args], env=env, cwd=tmp_path, capture_output=True,
+                                  text=True, timeout=180)
+
+        job = ray_job("submit", "--", "python", "-c",
+                      "import ray; ray.init(); print('RESOURCES', ray.cluster_resources())")
+        assert job.returncode == 0, job.stdout + job.stderr
+        assert re.search(r"RESOURCES \{.*'CPU': 1\.0", job.stdout), job.stdout
+        assert "succeeded" in job.stdout + job.stderr
+
+        # a bad argument, through the stage wrapper (the repo uploaded as the working dir): the job fails
+        # fast and `ray job logs` shows the stage's own one-line error, not a stack of Ray internals
+        res = sub.submit("pretrain", ["--frobnicate"], state_dir=state, capture=True, timeout=240)
+        assert res.returncode != 0 and res.job_id.startswith("mimflow-pretrain-")
+        logs = ray_job("logs", res.job_id).stdout
+        assert "python -m pretrain: error: unrecognized arguments: --frobnicate" in logs, logs
+        assert "Traceback" not in logs
+
+        seen = {pid: p.start for pid, p in lc.cluster_processes(info).items()} | dict(info.pids)
+        assert info.launcher_pid in seen and len(seen) > 5
+    finally:
+        r = script("stop", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    still = [pid for pid, start in seen.items() if lc.pid_alive(pid, start)]
+    assert still == [], f"processes left after stop: {still}"
+    assert lc.processes_referencing(info.temp_dir) == []
+    assert not info.temp_dir.exists() and not info.token_path.exists()
+    r = script("status")
+    assert r.returncode == 1 and "no cluster recorded" in r.stdout
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(180)
+def test_start_cluster_context_manager(tmp_path):
+    """The Python API the stage e2e tests build on: start in-process, refuse a second start on the same
+    state dir, stop on leaving the block with nothing left behind (no zombie either)."""
+    state = tmp_path / "cluster"
+    with lc.start_cluster(1, state, object_store_memory=int(SMALL_STORE)) as cluster:
+        assert cluster.is_running() and lc.load_cluster(state).tag == cluster.tag
+        assert cluster.client_env({})["RAY_AUTH_TOKEN_PATH"] == str(cluster.token_path)
+        with pytest.raises(lc.ClusterBusyError, match="already holds a running Ray cluster"):
+            lc.start_cluster(1, state)
+        pids = {pid: p.start for pid, p in lc.cluster_processes(cluster).items()}
+    assert not any(lc.pid_alive(pid, start) for pid, start in pids.items())
+    assert not Path(f"/proc/{cluster.launcher_pid}").exists()  # reaped, not a zombie
+    assert lc.processes_referencing(cluster.temp_dir) == []
+    assert lc.load_cluster(state) is None
