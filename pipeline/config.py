@@ -23,6 +23,7 @@ RECIPE_DIRS = {
     "run": Path(__file__).parent / "recipes",
     "tokenizer": Path(__file__).parent.parent / "tokenizer" / "recipes",
     "pretrain": Path(__file__).parent.parent / "pretrain" / "recipes",
+    "eval": Path(__file__).parent.parent / "eval" / "recipes",
 }
 
 

@@ -26,21 +26,26 @@ def add_ray_arguments(parser) -> None:
 
 @contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # Ray 2.60 on Linux swaps a loopback node IP for the routable one unless told it runs on a
+        # single machine; read when ray is first imported, this keeps the embedded Ray on 127.0.0.1.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
     if ray.is_initialized():  # a caller (a test, `mimflow run`) already holds one: share it
         yield
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    # Workers inherit the driver's sys.path only through the runtime env; keep it lean and quiet.
     common = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
     if address:
         ray.init(address=address, **common)
     else:
+        # The dashboard stays on (bound to 127.0.0.1): Ray Train V2 polls the state API it serves.
         ray.init(
             num_cpus=num_cpus or os.cpu_count(),
-            include_dashboard=False,
             _node_ip_address="127.0.0.1",
+            dashboard_host="127.0.0.1",
             **common,
         )
     try:

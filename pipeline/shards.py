@@ -138,7 +138,11 @@ def write_shard(location: str, samples: Iterable[dict[str, bytes]]) -> tuple[int
 
 def read_shard(location: str) -> list[dict[str, bytes]]:
     """All samples of one shard as ``{ext: bytes, "__key__": str}`` (tests, verify, reports)."""
-    data = storage.read_bytes(location)
+    return parse_shard(storage.read_bytes(location))
+
+
+def parse_shard(data: bytes) -> list[dict[str, Any]]:
+    """``read_shard`` on bytes already in memory; a damaged tar raises ``tarfile.TarError``."""
     samples: list[dict[str, Any]] = []
     current: dict[str, Any] | None = None
     with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tf:

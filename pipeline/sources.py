@@ -204,7 +204,7 @@ class TarSource(Source):
             raise SourceError(f"no tar files match {location!r}")
         self.paths = paths
         listing: list = []
-        labels: set[int] = set()
+        labelled = False
         for tar_index, path in enumerate(paths):
             groups: dict[str, dict[str, tarfile.TarInfo]] = {}
             try:
@@ -219,17 +219,22 @@ class TarSource(Source):
                 raise SourceError(f"cannot read tar {path}: {e}") from None
             for stem, members in groups.items():
                 listing.append((tar_index, stem, members))
-                if "cls" in members:
-                    labels.add(-1)
+                labelled = labelled or "cls" in members
         self._listing = listing
-        if labels:
+        if labelled:
             self.classes = self._scan_classes()
 
     def _scan_classes(self) -> list[str]:
+        """Class ids seen in the ``cls`` members (reads those small members only, not the images)."""
         seen: set[int] = set()
-        for item in self:
-            if isinstance(item, Sample) and item.label is not None:
-                seen.add(item.label)
+        for tar_index, path in enumerate(self.paths):
+            with tarfile.open(path) as tf:
+                for _, stem, members in (r for r in self._listing if r[0] == tar_index):
+                    if "cls" in members:
+                        try:
+                            seen.add(int(tf.extractfile(members["cls"]).read().decode().strip()))
+                        except (ValueError, OSError, tarfile.TarError):
+                            pass  # reported as BadInput when the sample is read
         return [str(i) for i in range(max(seen) + 1)] if seen else []
 
     def _fingerprint_lines(self) -> Iterator[str]:

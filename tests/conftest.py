@@ -10,6 +10,8 @@ import torch
 # Two cores here: keep each test's torch single-threaded so Ray workers don't fight over them.
 torch.set_num_threads(1)
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # embedded Ray on 127.0.0.1 only
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 @pytest.fixture(scope="session")
@@ -18,7 +20,9 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # The dashboard serves the state API that Ray Train V2's placement-group cleaner polls.
+        ray.init(num_cpus=4, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                 log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

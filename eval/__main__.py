@@ -1,0 +1,30 @@
+"""``python -m eval --config RECIPE [--set k=v ...]``: the ``ray job submit`` entry point of ``mimflow eval``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from pipeline.cli import StageError
+    from pipeline.config import ConfigError
+    from pipeline.sources import SourceError
+
+    from eval.eval_cli import DESCRIPTION, add_eval_arguments, handle_eval
+
+    parser = argparse.ArgumentParser(
+        prog="python -m eval", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_eval_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return handle_eval(args)
+    except (StageError, ConfigError, SourceError, FileNotFoundError) as e:
+        print(f"eval: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,459 @@
+"""``mimflow eval``: kNN, linear probe and fine-tune of an encoder, beside a random-init baseline.
+
+``run_eval(cfg)`` resolves the train/test split, loads the encoder (and, with ``baseline: random``,
+the same architecture randomly initialised), computes or reuses cached features, runs the asked
+methods, writes ``<out>/eval.json`` and ``<out>/config.yaml`` and returns the same document.
+``format_table`` renders it for a terminal.
+
+Splits, in order of preference: ``test_source`` when given; the source's own split (``split=test``
+for ``shapes`` and IDX folders, ``val/`` or ``test/`` beside ``train/`` for image folders); otherwise
+a deterministic split of the one source by a hash of each sample's key (``test_fraction``).
+
+Importing this module loads neither torch nor Ray (the config dataclasses can live in other stages'
+configs and in ``mimflow --help``); the work happens in ``eval.features``/``knn``/``linear_probe``/
+``finetune``, imported when used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+from urllib.parse import parse_qsl, urlencode
+
+import numpy as np
+
+from pipeline import storage
+from pipeline.cli import StageError
+from pipeline.config import dump_config, to_dict
+
+METHODS = ("knn", "linear", "finetune")
+RESULT_VERSION = 1
+
+
+@dataclass
+class ProbeConfig:
+    optimizer: Literal["lbfgs", "adamw"] = "lbfgs"
+    epochs: int = 300  # L-BFGS iterations (full batch) or AdamW epochs
+    lr: float | None = None  # default: 1.0 for L-BFGS, 1e-2 for AdamW
+    weight_decays: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2])  # chosen on held-out train
+    val_fraction: float = 0.2
+    batch_size: int = 256  # AdamW only
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 5
+    lr: float = 1e-3  # peak lr of the head; block i gets lr * layer_decay^(depth - i)
+    min_lr: float = 1e-6
+    layer_decay: float = 0.65
+    drop_path: float = 0.1
+    weight_decay: float = 0.05
+    batch_size: int = 64  # per worker
+    workers: int = 1  # Ray Train workers; 0 runs in the driver process
+    cpus_per_worker: int = 1
+    use_gpu: bool | None = None  # None: when the cluster has GPUs
+    label_fraction: float = 1.0  # e.g. 0.01, 0.1: a deterministic class-balanced subset of train
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    clip_grad: float | None = None
+    augment: bool = True  # random-resized crop + flip
+    keep_model: bool = True  # the final checkpoint holds the fine-tuned classifier (timm Beit + head)
+
+    def __post_init__(self):
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise ValueError(f"finetune.label_fraction must be in (0, 1], got {self.label_fraction}")
+        if self.epochs < 1:
+            raise ValueError(f"finetune.epochs must be >= 1, got {self.epochs}")
+
+
+@dataclass
+class EvalConfig:
+    encoder: str = ""  # exported encoder dir (or a pretraining checkpoint dir)
+    train_source: str = ""  # labelled source spec
+    test_source: str | None = None  # default: the source's own test split, else a hash split
+    test_fraction: float = 0.2  # for the hash split only
+    methods: list[Literal["knn", "linear", "finetune"]] = field(default_factory=lambda: ["knn", "linear"])
+    pooling: Literal["cls", "mean"] = "mean"
+    layer: int | None = None  # block index for features (negative from the end); None: last, normed
+    batch_size: int = 128  # feature extraction
+    k: int = 20
+    temperature: float = 0.07
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    baseline: Literal["random", "none"] = "none"
+    out: str = "eval-out"
+    feature_cache: str | None = None  # default: <out>/feature-cache
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.methods:
+            raise ValueError("methods must name at least one of knn, linear, finetune")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods has duplicates: {self.methods}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if self.k < 1 or self.temperature <= 0:
+            raise ValueError("k must be >= 1 and temperature > 0")
+
+
+class EvalError(StageError):
+    """An evaluation input a user can fix: unlabelled data, mismatched classes, missing encoder."""
+
+
+# ----------------------------------------------------------------------------------------- splits
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    train: str
+    test: str
+    mode: Literal["given", "source", "hash"]
+    test_fraction: float = 0.0
+
+    def masks(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+        """Hash mode: (train mask, test mask) over ``keys``; None otherwise."""
+        if self.mode != "hash":
+            return None
+        test = np.array([is_test_key(k, self.test_fraction) for k in keys], dtype=bool)
+        return ~test, test
+
+
+def is_test_key(key: str, fraction: float) -> bool:
+    h = int.from_bytes(hashlib.sha256(f"eval-split:{key}".encode()).digest()[:8], "big")
+    return h / 2.0**64 < fraction
+
+
+def _with_params(spec: str, **changes: str) -> str:
+    body, _, query = spec.partition("?")
+    params = dict(parse_qsl(query, keep_blank_values=True))
+    params.update(changes)
+    return body + "?" + urlencode(params, safe="/:{},.*")
+
+
+def resolve_split(train_spec: str, test_spec: str | None, test_fraction: float = 0.2) -> SplitPlan:
+    """Where the test set comes from; refuses unlabelled sources (``EvalError``)."""
+    from eval.features import open_labelled
+
+    train = open_labelled(train_spec)
+    if test_spec:
+        open_labelled(test_spec)
+        return SplitPlan(train_spec, test_spec, "given")
+    params = dict(parse_qsl(train_spec.partition("?")[2], keep_blank_values=True))
+    candidates: list[tuple[str, str]] = []
+    if train.kind in ("shapes", "idx") and params.get("split", "train") == "train":
+        candidates = [(_with_params(train_spec, split="train"), _with_params(train_spec, split="test"))]
+    elif train.kind == "folder" and "split" not in params:
+        root = Path(train.root)
+        if (root / "train").is_dir():
+            candidates = [
+                (_with_params(train_spec, split="train"), _with_params(train_spec, split=name))
+                for name in ("val", "test")
+                if (root / name).is_dir()
+            ]
+    for tr, te in candidates:
+        try:
+            a, b = open_labelled(tr), open_labelled(te)
+        except Exception:  # noqa: BLE001 - a candidate that does not open is just not a split
+            continue
+        if a.fingerprint() != b.fingerprint():
+            return SplitPlan(tr, te, "source")
+    return SplitPlan(train_spec, train_spec, "hash", test_fraction)
+
+
+def class_mapping(train_classes: list[str], test_classes: list[str], test_spec: str) -> np.ndarray | None:
+    """Test label -> train label by class name; None when identical. Unknown test classes are an error."""
+    if list(test_classes) == list(train_classes):
+        return None
+    unknown = [c for c in test_classes if c not in train_classes]
+    if unknown:
+        raise EvalError(
+            f"test source {test_spec!r} has classes the training source lacks: {unknown[:5]}"
+            f" (training classes: {list(train_classes)[:10]})"
+        )
+    return np.array([train_classes.index(c) for c in test_classes], dtype=np.int64)
+
+
+# ------------------------------------------------------------------------------------------- run
+
+
+def _log(msg: str, verbose: bool) -> None:
+    if verbose:
+        print(f"eval: {msg}", file=sys.stderr, flush=True)
+
+
+def _resolve_out(location: str) -> str:
+    return location if storage.is_uri(location) else str(Path(location).expanduser().resolve())
+
+
+def _delta(results: dict[str, dict]) -> dict[str, dict[str, float]]:
+    a, b = results.get("pretrained", {}), results.get("random", {})
+    out: dict[str, dict[str, float]] = {}
+    for method in METHODS:
+        if method in a and method in b:
+            out[method] = {
+                m: a[method][m] - b[method][m]
+                for m in ("top1", "top5", "best_top1")
+                if m in a[method] and m in b[method]
+            }
+    return out
+
+
+def inputs_fingerprint(cfg: EvalConfig, encoder_id: str) -> str:
+    """Changes when anything the figures depend on changes: the config (bar output paths), the
+    encoder's weights and config, or the data sources' listings."""
+    from pipeline.sources import open_source
+
+    h = hashlib.sha256(f"eval:v{RESULT_VERSION}:{encoder_id}".encode())
+    conf = to_dict(cfg)
+    for k in ("out", "feature_cache", "encoder"):
+        conf.pop(k, None)
+    h.update(json.dumps(conf, sort_keys=True).encode())
+    for spec in (cfg.train_source, cfg.test_source):
+        if spec:
+            h.update(f"{spec}\n{open_source(spec).fingerprint()}".encode())
+    return h.hexdigest()[:16]
+
+
+def current_result(cfg: EvalConfig) -> dict | None:
+    """The existing ``<out>/eval.json`` when it was made from the same inputs (for ``mimflow run``), else None."""
+    from eval.features import load_encoder
+
+    path = storage.join(_resolve_out(cfg.out), "eval.json")
+    if not storage.exists(path) or not cfg.encoder or not storage.exists(cfg.encoder):
+        return None
+    try:
+        doc = json.loads(storage.read_bytes(path))
+    except (ValueError, OSError):
+        return None
+    enc = load_encoder(cfg.encoder)
+    return doc if doc.get("inputs") == inputs_fingerprint(cfg, enc.encoder_id) else None
+
+
+def run_eval(cfg: EvalConfig, address: str | None = None, *, num_cpus: int | None = None, verbose: bool = True) -> dict:
+    """Evaluate ``cfg.encoder`` (and the random baseline); write and return the ``eval.json`` document."""
+    from eval.features import (
+        LabelledImages,
+        extract_features,
+        load_encoder,
+        load_labelled_images,
+        random_encoder,
+    )
+
+    t_start = time.perf_counter()
+    if not cfg.encoder:
+        raise EvalError("no encoder given: set encoder=DIR in the recipe or pass --encoder DIR")
+    if not cfg.train_source:
+        raise EvalError("no labelled data given: set train_source=SPEC in the recipe or pass --train SPEC")
+    out = _resolve_out(cfg.out)
+    cache = _resolve_out(cfg.feature_cache) if cfg.feature_cache else storage.join(out, "feature-cache")
+    pretrained = load_encoder(cfg.encoder)
+    encoders = [pretrained]
+    if cfg.baseline == "random":
+        encoders.append(random_encoder(pretrained, cfg.seed))
+    _log(f"encoder {cfg.encoder} (id {pretrained.encoder_id}, {pretrained.img_size}px, depth {pretrained.depth})", verbose)
+    plan = resolve_split(cfg.train_source, cfg.test_source, cfg.test_fraction)
+    _log(f"train {plan.train!r}, test {plan.test!r} (split: {plan.mode})", verbose)
+
+    # One decode per (source, size), shared by every encoder and method, and only on a cache miss.
+    decoded: dict[tuple[str, int], LabelledImages] = {}
+
+    def images(spec: str, size: int) -> LabelledImages:
+        if (spec, size) not in decoded:
+            t0 = time.perf_counter()
+            decoded[(spec, size)] = load_labelled_images(spec, size)
+            imgs = decoded[(spec, size)]
+            _log(f"decoded {len(imgs)} images of {spec!r} in {time.perf_counter() - t0:.1f}s"
+                 + (f"; {len(imgs.skipped)} skipped (bad or unlabelled)" if imgs.skipped else ""), verbose)
+        return decoded[(spec, size)]
+
+    def loader(spec: str, size: int) -> Callable[[], LabelledImages]:
+        return lambda: images(spec, size)
+
+    def split_pair(get_train, get_test, subset):
+        """(train, test) from the plan: two sources, or one source cut by key hash."""
+        if plan.mode == "hash":
+            whole = get_train()
+            train_mask, test_mask = plan.masks(whole.keys)
+            return subset(whole, train_mask), subset(whole, test_mask)
+        return get_train(), get_test()
+
+    results: dict[str, dict[str, Any]] = {enc.name: {} for enc in encoders}
+    data_info: dict[str, Any] = {}
+    feature_info: dict[str, Any] = {}
+    feature_methods = [m for m in cfg.methods if m in ("knn", "linear")]
+    for enc in encoders:
+        if not feature_methods:
+            break
+        size = enc.img_size
+
+        def feats(spec: str, enc=enc, size=size):
+            fs = extract_features(
+                enc, spec, pooling=cfg.pooling, layer=cfg.layer, batch_size=cfg.batch_size,
+                cache_dir=cache, images=loader(spec, size),
+            )
+            _log(f"{enc.name} features of {spec!r}: {fs.features.shape} "
+                 + ("from cache" if fs.cached else f"computed in {fs.seconds:.1f}s"), verbose)
+            return fs
+
+        train_fs, test_fs = split_pair(
+            lambda: feats(plan.train), lambda: feats(plan.test), lambda fs, mask: fs.subset(mask)
+        )
+        feature_info[enc.name] = {
+            part: {"cached": fs.cached, "path": fs.path, "seconds": round(fs.seconds, 3)}
+            for part, fs in (("train", train_fs), ("test", test_fs))
+        }
+        mapping = class_mapping(train_fs.classes, test_fs.classes, plan.test)
+        test_labels = mapping[test_fs.labels] if mapping is not None else test_fs.labels
+        num_classes = len(train_fs.classes)
+        data_info = {
+            "n_train": len(train_fs.keys),
+            "n_test": len(test_fs.keys),
+            "num_classes": num_classes,
+            "classes": list(train_fs.classes),
+            "skipped": {"train": train_fs.skipped, "test": test_fs.skipped if plan.mode != "hash" else 0},
+        }
+        if "knn" in cfg.methods:
+            t0 = time.perf_counter()
+            r = knn_eval_fs(train_fs, test_fs, test_labels, num_classes, cfg)
+            r["seconds"] = time.perf_counter() - t0
+            results[enc.name]["knn"] = r
+            _log(f"{enc.name} kNN top-1 {r['top1']:.1%} top-5 {r['top5']:.1%}", verbose)
+        if "linear" in cfg.methods:
+            from eval.linear_probe import linear_probe
+
+            t0 = time.perf_counter()
+            r = linear_probe(
+                train_fs.features, train_fs.labels, test_fs.features, test_labels, num_classes=num_classes,
+                optimizer=cfg.probe.optimizer, epochs=cfg.probe.epochs, lr=cfg.probe.lr,
+                weight_decays=cfg.probe.weight_decays, val_fraction=cfg.probe.val_fraction,
+                batch_size=cfg.probe.batch_size, seed=cfg.seed,
+            )
+            r["seconds"] = time.perf_counter() - t0
+            results[enc.name]["linear"] = r
+            _log(f"{enc.name} linear probe top-1 {r['top1']:.1%} (weight decay {r['weight_decay']:g})", verbose)
+
+    if "finetune" in cfg.methods:
+        from eval.finetune import finetune
+        from pipeline.ray_context import ray_session
+
+        with ray_session(address, num_cpus):
+            for enc in encoders:
+                size = enc.img_size
+                train_im, test_im = split_pair(
+                    lambda: images(plan.train, size), lambda: images(plan.test, size),
+                    lambda im, mask: im.subset(mask),
+                )
+                mapping = class_mapping(train_im.classes, test_im.classes, plan.test)
+                if mapping is not None:
+                    test_im = LabelledImages(test_im.spec, test_im.pixels, mapping[test_im.labels], test_im.keys,
+                                             train_im.classes, test_im.skipped)
+                num_classes = len(train_im.classes)
+                data_info = data_info or {
+                    "n_train": len(train_im),
+                    "n_test": len(test_im),
+                    "num_classes": num_classes,
+                    "classes": list(train_im.classes),
+                    "skipped": {"train": len(train_im.skipped), "test": len(test_im.skipped) if plan.mode != "hash" else 0},
+                }
+                _log(f"{enc.name} fine-tune: {cfg.finetune.epochs} epochs on "
+                     f"{cfg.finetune.label_fraction:g} of {len(train_im)} labels, {cfg.finetune.workers} worker(s)", verbose)
+                r = finetune(
+                    enc, train_im, test_im, cfg.finetune, num_classes=num_classes, seed=cfg.seed,
+                    storage_path=storage.join(out, "ray-train"), name=f"finetune-{enc.name}",
+                )
+                results[enc.name]["finetune"] = r
+                _log(f"{enc.name} fine-tune top-1 per epoch: "
+                     + ", ".join(f"{h['top1']:.1%}" for h in r["epochs"]), verbose)
+
+    enc_cfg = pretrained.config
+    doc: dict[str, Any] = {
+        "version": RESULT_VERSION,
+        "encoder": {
+            "path": cfg.encoder if storage.is_uri(cfg.encoder) else str(Path(cfg.encoder).resolve()),
+            "encoder_id": pretrained.encoder_id,
+            "img_size": pretrained.img_size,
+            "depth": pretrained.depth,
+            "embed_dim": int(enc_cfg["timm_kwargs"].get("embed_dim", 0)),
+            "source_checkpoint": enc_cfg.get("source_checkpoint"),
+        },
+        "baseline": (
+            {"kind": "random", "encoder_id": encoders[1].encoder_id, "seed": cfg.seed}
+            if cfg.baseline == "random" else None
+        ),
+        "data": {"train": plan.train, "test": plan.test, "split": plan.mode, **data_info},
+        "features": {"pooling": cfg.pooling, "layer": cfg.layer, "cache": cache, "entries": feature_info},
+        "results": results,
+        "delta": _delta(results),
+        "inputs": inputs_fingerprint(cfg, pretrained.encoder_id),
+        "seconds": time.perf_counter() - t_start,
+        "eval_json": storage.join(out, "eval.json"),
+        "config": to_dict(cfg),
+    }
+    storage.write_bytes_atomic(storage.join(out, "config.yaml"), dump_config(cfg).encode())
+    storage.write_bytes_atomic(storage.join(out, "eval.json"), json.dumps(doc, indent=1).encode())
+    return doc
+
+
+def knn_eval_fs(train_fs, test_fs, test_labels, num_classes: int, cfg: EvalConfig) -> dict:
+    from eval.knn import knn_eval
+
+    return knn_eval(
+        train_fs.features, train_fs.labels, test_fs.features, test_labels,
+        num_classes=num_classes, k=cfg.k, temperature=cfg.temperature,
+    )
+
+
+# ------------------------------------------------------------------------------------------ table
+
+
+def _rows(doc: dict) -> list[tuple[str, str, str, str]]:
+    """(method, metric key, label, metric label) for every figure present."""
+    rows = []
+    cfg = doc.get("config", {})
+    any_res = {m for r in doc["results"].values() for m in r}
+    if "knn" in any_res:
+        label = f"kNN (k={cfg.get('k', 20)}, T={cfg.get('temperature', 0.07):g})"
+        rows += [("knn", "top1", label, "top-1"), ("knn", "top5", label, "top-5")]
+    if "linear" in any_res:
+        rows.append(("linear", "top1", "linear probe", "top-1"))
+    if "finetune" in any_res:
+        ft = cfg.get("finetune", {})
+        frac = ft.get("label_fraction", 1.0)
+        label = f"fine-tune ({ft.get('epochs', '?')} ep" + (f", {frac:.0%} labels)" if frac < 1 else ")")
+        rows.append(("finetune", "top1", label, "top-1 last"))
+        rows.append(("finetune", "best_top1", label, "top-1 best"))
+    return rows
+
+
+def format_table(doc: dict) -> str:
+    """The results as a fixed-width table: pretrained, random init and the difference, in points."""
+    cols = [name for name in ("pretrained", "random") if name in doc["results"]]
+    header = ["method", "metric", *cols] + (["Δ (points)"] if len(cols) == 2 else [])
+    lines = [header]
+    for method, key, label, metric in _rows(doc):
+        row = [label, metric]
+        vals = []
+        for c in cols:
+            v = doc["results"][c].get(method, {}).get(key)
+            vals.append(v)
+            row.append("-" if v is None else f"{100 * v:.1f}%")
+        if len(cols) == 2:
+            row.append("-" if None in vals else f"{100 * (vals[0] - vals[1]):+.1f}")
+        lines.append(row)
+    widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
+    fmt = lambda r: "  ".join(s.ljust(w) if i < 2 else s.rjust(w) for i, (s, w) in enumerate(zip(r, widths)))  # noqa: E731
+    d = doc["data"]
+    head = (
+        f"encoder {doc['encoder']['path']} (id {doc['encoder']['encoder_id']})\n"
+        f"train {d['train']} ({d.get('n_train', '?')}) · test {d['test']} ({d.get('n_test', '?')})"
+        f" · split: {d['split']} · {d.get('num_classes', '?')} classes"
+        f" · features: {doc['features']['pooling']}"
+        + (f" of block {doc['features']['layer']}" if doc["features"]["layer"] is not None else "")
+    )
+    body = [fmt(lines[0]), "  ".join("-" * w for w in widths), *(fmt(r) for r in lines[1:])]
+    return "\n".join([head, *body, f"written: {doc['eval_json']} ({doc['seconds']:.1f}s)"])

@@ -1,0 +1,172 @@
+"""``mimflow tokens build|refresh|verify|show``: the offline token cache from the command line.
+
+Heavy imports (torch, ray) stay inside the handlers so that ``mimflow --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline.cli import StageError
+
+SOURCE_HELP = "source spec: a folder, WebDataset tars (s-{000..009}.tar), idx:DIR or shapes?n=..&size=.."
+
+
+def _cache_errors():
+    from pipeline.shards import CacheError
+
+    return (CacheError,)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from tokenizer.precompute import run_build
+
+    try:
+        report = run_build(
+            args.tokenizer,
+            args.source,
+            args.out,
+            args.views,
+            batch_size=args.batch_size,
+            num_actors=args.actors,
+            seed=args.seed,
+            address=args.address,
+            num_cpus=args.num_cpus,
+            progress_every=args.progress_every,
+        )
+    except _cache_errors() as e:
+        raise StageError(str(e)) from None
+    print(report.cache_dir)
+    return 0
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    from tokenizer.cache_ops import refresh
+
+    try:
+        report = refresh(
+            args.tokenizer,
+            args.out,
+            args.source,
+            args.views,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            num_actors=args.actors,
+            address=args.address,
+            num_cpus=args.num_cpus,
+            gc=args.gc,
+            progress_every=args.progress_every,
+        )
+    except _cache_errors() as e:
+        raise StageError(str(e)) from None
+    print(report.cache_dir)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from tokenizer.cache_verify import verify_cache, verify_json
+
+    report = verify_cache(args.cache_dir, decode_images=args.decode_images)
+    print(verify_json(report) if args.json else report.summary(), flush=True)
+    return 0 if report.ok else 1
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from tokenizer.cache_show import show
+
+    try:
+        rows = show(args.cache_dir, args.out, args.keys, n=args.n, tokenizer_dir=args.tokenizer, cell=args.cell)
+    except _cache_errors() as e:
+        raise StageError(str(e)) from None
+    decoded = " with dVAE decodes" if any(r.decoded is not None for r in rows) else ""
+    print(f"wrote {args.out}: {len(rows)} view(s) of {len({r.key for r in rows})} sample(s){decoded}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from tokenizer.cache_ops import list_caches
+
+    entries = list_caches(args.out)
+    if args.json:
+        print(json.dumps([{"tokenizer_id": e.tokenizer_id, "path": e.path, "complete": e.complete, **e.info} for e in entries]))
+        return 0
+    if not entries:
+        print(f"no token caches under {args.out}")
+    for e in entries:
+        i = e.info
+        state = "complete" if e.complete else "incomplete"
+        print(
+            f"{e.tokenizer_id}  {state:10s}  {i.get('samples', '?')} samples, {i.get('errors', '?')} errors, "
+            f"views={i.get('views', '?')}, source={i.get('source', '?')!r}, created {i.get('created', '?')}"
+        )
+    return 0
+
+
+def _build_args(p: argparse.ArgumentParser, refresh: bool) -> None:
+    from pipeline.ray_context import add_ray_arguments
+
+    p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint directory (config.json + model.safetensors)")
+    p.add_argument(
+        "--source",
+        required=not refresh,
+        default=None,
+        help=SOURCE_HELP + (" (default: the source of the last cache under --out)" if refresh else ""),
+    )
+    p.add_argument("--out", required=True, help="cache root: the cache goes to OUT/<tokenizer_id>/")
+    p.add_argument(
+        "--views",
+        type=int,
+        default=None if refresh else 1,
+        help="views per image: 1 = centre crop, >1 = seeded random-resized crops + flips"
+        + (" (default: as the last cache)" if refresh else " (default: 1)"),
+    )
+    p.add_argument("--seed", type=int, default=None if refresh else 0, help="seed of the views")
+    p.add_argument("--batch-size", type=int, default=64, help="views per encode batch (default: 64)")
+    p.add_argument("--actors", type=int, default=None, help="encoding actors (default: one per GPU, else per CPU)")
+    p.add_argument("--progress-every", type=float, default=5.0, help="seconds between progress lines")
+    add_ray_arguments(p)
+
+
+def register_tokens(sub) -> None:
+    tokens = sub.add_parser("tokens", help="build, refresh, verify and show the offline token cache")
+    tsub = tokens.add_subparsers(dest="tokens_command", metavar="ACTION", required=True)
+
+    p = tsub.add_parser("build", help="precompute visual tokens into WebDataset shards (a Ray job; resumes)")
+    _build_args(p, refresh=False)
+    p.set_defaults(handler=cmd_build)
+
+    p = tsub.add_parser(
+        "refresh",
+        help="rebuild only what is stale (new tokenizer, changed source); a no-op when current",
+    )
+    _build_args(p, refresh=True)
+    p.add_argument("--gc", action="store_true", help="remove superseded caches and unlisted files under --out")
+    p.set_defaults(handler=cmd_refresh)
+
+    p = tsub.add_parser("verify", help="check every shard against the manifest; non-zero exit on a problem")
+    p.add_argument("cache_dir", help="a cache directory, OUT/<tokenizer_id>")
+    p.add_argument("--decode-images", action="store_true", help="also decode every stored image")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON line")
+    p.set_defaults(handler=cmd_verify)
+
+    p = tsub.add_parser("show", help="images beside their token maps (and dVAE decodes) as a PNG")
+    p.add_argument("cache_dir", help="a cache directory, OUT/<tokenizer_id>")
+    p.add_argument("keys", nargs="*", help="sample keys to show (default: the first --n)")
+    p.add_argument("--n", type=int, default=8, help="samples to show when no key is given (default: 8)")
+    p.add_argument("--out", default="tokens.png", help="PNG to write (default: tokens.png)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir for dVAE decodes (default: the one in cache.json)")
+    p.add_argument("--cell", type=int, default=128, help="tile size in pixels (default: 128)")
+    p.set_defaults(handler=cmd_show)
+
+    p = tsub.add_parser("list", help="the caches under an output root")
+    p.add_argument("out", help="cache root")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_list)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from pipeline.cli import main
+
+    sys.exit(main(["tokens", *sys.argv[1:]]))

@@ -1,0 +1,258 @@
+"""The token-cache worker: one Ray actor holds the tokenizer and turns partitions into shards.
+
+For a partition: read its items, compute its digest and keep an earlier shard of the same content
+(``cache_records``); otherwise decode each image once, render its V views at the tokenizer's input
+size, encode the views in batches (on the actor's GPU when it has one, with decoding overlapped on
+threads), write the shard atomically, then its completion record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+from pipeline import storage
+from pipeline.shards import CacheError, encode_sample, shard_name, write_shard
+from tokenizer.cache_records import (
+    BUILD_DIR,
+    BuildParams,
+    partition_digest,
+    record_name,
+    replacement_shard_name,
+    write_record,
+)
+
+
+@dataclass
+class _Prepared:
+    key: str
+    data: bytes
+    fmt: str
+    label: int | None
+    width: int
+    height: int
+    views: list
+    pixels: np.ndarray | None  # uint8 [V, S, S, 3]
+    error: tuple[str, str] | None = None  # (origin, reason)
+
+
+def _prepare(item, num_views: int, seed: int, size: int) -> _Prepared:
+    """Decode once, draw the views, render each at the tokenizer's input size (uint8 HWC)."""
+    from pipeline.images import BadImageError, decode_rgb
+    from pipeline.sources import BadInput
+    from pipeline.views import make_views, render_view
+
+    if isinstance(item, BadInput):
+        return _Prepared(item.key, b"", "", None, 0, 0, [], None, (item.origin, item.reason))
+    try:
+        img = decode_rgb(item.data)
+    except BadImageError as e:
+        return _Prepared(item.key, b"", "", None, 0, 0, [], None, (item.origin, e.reason))
+    views = make_views(item.key, img.width, img.height, num_views, seed=seed)
+    # np.asarray(render_view(...)) is exactly what pipeline.images.to_tensor starts from.
+    pixels = np.stack([np.asarray(render_view(img, v, size), dtype=np.uint8) for v in views])
+    return _Prepared(item.key, item.data, item.fmt, item.label, img.width, img.height, views, pixels)
+
+
+def _prefetch(fn, items: list, threads: int, depth: int) -> Iterator:
+    """``map(fn, items)`` in order, at most ``depth`` items ahead, on ``threads`` threads."""
+    if threads <= 0:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="cache-prep") as pool:
+        pending: deque = deque()
+        it = iter(items)
+        for item in it:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= depth:
+                break
+        for item in it:
+            yield pending.popleft().result()
+            pending.append(pool.submit(fn, item))
+        while pending:
+            yield pending.popleft().result()
+
+
+class PartitionEncoder:
+    """The work of one actor, usable without Ray (tests, the benchmark's profile)."""
+
+    def __init__(self, params: BuildParams, device: str = "cpu", prep_threads: int = 1):
+        import torch
+
+        from pipeline.sources import open_source
+        from tokenizer.base import load_tokenizer
+
+        self.params = params
+        self.device = torch.device(device)
+        self.tok = load_tokenizer(params.tokenizer_dir)
+        tok_id = self.tok.tokenizer_id
+        if tok_id != params.tokenizer_id:
+            raise CacheError(
+                f"tokenizer at {params.tokenizer_dir} is now {tok_id}, the build started with "
+                f"{params.tokenizer_id}: it changed during the build; rerun"
+            )
+        if hasattr(self.tok, "to"):
+            self.tok = self.tok.to(self.device)
+        if hasattr(self.tok, "eval"):
+            self.tok.eval()
+        self.source = open_source(params.source_spec)  # listed once per actor
+        if self.source.fingerprint() != params.source_fingerprint:
+            raise CacheError(f"source {params.source_spec!r} changed since the build started; rerun to pick it up")
+        self.prep_threads = prep_threads
+
+    def _check_source(self, index: int, start: int, stop: int):
+        parts = self.source.partitions()
+        if index >= len(parts) or (parts[index].start, parts[index].stop) != (start, stop):
+            raise CacheError(f"partition {index} of {self.params.source_spec!r} is not [{start}, {stop})")
+        return parts[index]
+
+    def encode_batch(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 [N, S, S, 3] -> uint16 [N, h, w]; the float conversion matches ``to_tensor``."""
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(pixels).to(self.device, non_blocking=True)
+            x = x.permute(0, 3, 1, 2).float().div_(255.0)
+            tokens = self.tok.encode(x)
+        return tokens.to("cpu").numpy().astype(np.uint16)
+
+    def encode_items(self, items: list) -> tuple[list[dict[str, bytes]], list[dict[str, str]], int]:
+        """(shard samples in source order, error rows, images encoded)."""
+        size, bs = int(self.tok.input_size), max(1, self.params.batch_size)
+        prepared = _prefetch(
+            lambda it: _prepare(it, self.params.views, self.params.seed, size),
+            items,
+            self.prep_threads,
+            depth=2 * bs,
+        )
+        samples: list[dict[str, bytes]] = []
+        errors: list[dict[str, str]] = []
+        group: list[_Prepared] = []
+        n_views = 0
+
+        def flush():
+            nonlocal n_views
+            if not group:
+                return
+            tokens = self.encode_batch(np.concatenate([p.pixels for p in group]))
+            offset = 0
+            for p in group:
+                v = len(p.views)
+                samples.append(
+                    encode_sample(p.key, p.data, p.fmt, tokens[offset : offset + v], p.width, p.height, p.views, p.label)
+                )
+                offset += v
+            group.clear()
+            n_views = 0
+
+        images = 0
+        for p in prepared:
+            if p.error is not None:
+                errors.append({"key": p.key, "source": p.error[0], "reason": p.error[1]})
+                continue
+            if n_views + len(p.views) > bs and group:
+                flush()
+            group.append(p)
+            n_views += len(p.views)
+            images += 1
+        flush()
+        return samples, errors, images
+
+    def run(self, index: int, start: int, stop: int) -> dict[str, Any]:
+        """Build (or reuse) partition ``index``'s shard; returns its completion record."""
+        params = self.params
+        part = self._check_source(index, start, stop)
+        items = list(self.source.iter_partition(part))
+        digest = partition_digest(items, params, int(self.tok.input_size))
+        reused = self._reuse(part, digest)
+        if reused is not None:
+            return reused
+        t0 = time.perf_counter()
+        samples, errors, images = self.encode_items(items)
+        if params.delay_s:
+            time.sleep(params.delay_s)
+        shard = None
+        count, nbytes, sha = 0, 0, None
+        if samples:
+            shard = shard_name(index)
+            if shard in params.committed:  # never overwrite what the committed manifest lists
+                shard = replacement_shard_name(index, digest)
+            count, nbytes, sha = write_shard(storage.join(params.cache_dir, shard), samples)
+        rec = self._record(part, digest, shard, count, nbytes, sha, errors)
+        rec.update(images=images, encode_s=round(time.perf_counter() - t0, 3), reused=False)
+        write_record(params.cache_dir, rec)  # after the shard: a record always names a complete shard
+        return rec
+
+    def _record(self, part, digest, shard, count, nbytes, sha, errors) -> dict[str, Any]:
+        p = self.params
+        return {
+            "partition": part.index,
+            "start": part.start,
+            "stop": part.stop,
+            "digest": digest,
+            "shard": shard,
+            "samples": count,
+            "bytes": nbytes,
+            "sha256": sha,
+            "errors": errors,
+            "tokenizer_id": p.tokenizer_id,
+            "source_fingerprint": p.source_fingerprint,
+            "views": p.views,
+            "seed": p.seed,
+            "created": int(time.time()),
+            "worker": {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.device)},
+        }
+
+    def _reuse(self, part, digest: str) -> dict[str, Any] | None:
+        """The record of an earlier build of exactly this content, if its shard is intact."""
+        cache_dir = self.params.cache_dir
+        path = storage.join(cache_dir, BUILD_DIR, record_name(part.index, digest))
+        if not storage.exists(path):
+            return None
+        try:
+            rec = json.loads(storage.read_bytes(path))
+        except ValueError:
+            return None
+        if rec.get("digest") != digest:
+            return None
+        shard = rec.get("shard")
+        if shard is not None:
+            loc = storage.join(cache_dir, shard)
+            if not storage.exists(loc) or storage.size(loc) != rec.get("bytes"):
+                return None
+        if (rec.get("start"), rec.get("stop"), rec.get("source_fingerprint")) != (
+            part.start,
+            part.stop,
+            self.params.source_fingerprint,
+        ):
+            rec.update(start=part.start, stop=part.stop, source_fingerprint=self.params.source_fingerprint)
+            write_record(cache_dir, rec)
+        rec.update(images=0, reused=True)
+        return rec
+
+
+class TokenWorker:
+    """The Ray actor: one tokenizer per process, partitions one at a time."""
+
+    def __init__(self, params: BuildParams, threads: int):
+        import ray
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        # On a GPU the CPU work (decode, crops) overlaps the encode; on CPU it competes with it.
+        self.enc = PartitionEncoder(params, device=device, prep_threads=max(2, threads) if device == "cuda" else 0)
+
+    def run(self, index: int, start: int, stop: int) -> dict[str, Any]:
+        return self.enc.run(index, start, stop)
+
+    def pid(self) -> int:
+        return os.getpid()

@@ -1,0 +1,388 @@
+"""Build the offline token cache: one Ray job, one shard per source partition.
+
+``build_cache(tokenizer_dir, source, out_root)`` writes ``out_root/<tokenizer_id>/`` (the layout and
+the contract are in ``pipeline.shards``). The driver plans, a pool of Ray actors does the work:
+
+* **Units of work** are the source's deterministic partitions; partition ``i`` becomes one shard.
+  Each actor loads the tokenizer once (on a GPU when the cluster has one), reopens the source from
+  its spec string, and for a partition: reads its items, decodes each image once, renders its ``V``
+  views (``pipeline.views``), encodes them in batches, and writes the shard atomically. Bad inputs
+  (unreadable items, undecodable images) become error rows, so built + errors = source size.
+* **Resume**: a finished partition leaves a record ``_build/part-<index>-<digest>.json`` (written
+  after its shard) naming the shard, its sample count, size, sha256 and errors. The digest covers
+  the partition's content (keys, labels, sha256 of every image's bytes) and the build parameters.
+  A rerun skips partitions whose record matches the current source fingerprint without reading
+  them; after a source change the actors re-read each partition and reuse a shard whose digest is
+  unchanged, so only stale partitions are re-encoded. ``kill -9`` at any moment loses at most the
+  partitions in flight.
+* **Commit**: ``errors.parquet`` and ``cache.json`` are written, then ``manifest.parquet`` last,
+  atomically. A shard that replaces one the committed manifest still lists is written under a new
+  name (``shard-<index>-<digest>.tar``), so the previous cache stays readable, byte for byte, until
+  the new manifest is committed; ``mimflow tokens refresh --gc`` removes what is no longer listed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from pipeline import storage
+from pipeline.shards import CACHE_INFO, MANIFEST, CacheError, read_manifest, write_errors, write_manifest
+from tokenizer.cache_records import BuildParams, load_records, record_current
+from tokenizer.cache_worker import TokenWorker
+
+CACHE_FORMAT = 1
+
+
+@dataclass
+class BuildReport:
+    cache_dir: str
+    tokenizer_id: str
+    partitions: int
+    encoded: int = 0  # partitions encoded in this run
+    reused: int = 0  # partitions whose finished shard was kept (resume or unchanged content)
+    samples: int = 0
+    errors: int = 0
+    images: int = 0  # source images encoded in this run
+    seconds: float = 0.0  # the whole build
+    startup_s: float = 0.0  # starting the actors (each loads the tokenizer, opens the source)
+    encode_s: float = 0.0  # from the actors being ready to the last shard
+    up_to_date: bool = False  # nothing to do: the committed cache already matched
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+# -------------------------------------------------------------------------------------------- driver
+
+
+class Progress:
+    """One line every ``every`` seconds: shards done/total, images/s, ETA."""
+
+    def __init__(self, total_shards: int, done: int, todo_images: int, every: float = 5.0, stream=None):
+        self.total, self.done, self.todo_images = total_shards, done, todo_images
+        self.images = 0
+        self.left_images = todo_images
+        self.startup_s = 0.0
+        self.t0 = self.last = time.perf_counter()
+        self.every = every
+        self.stream = stream or sys.stdout
+
+    def update(self, rec: dict[str, Any], part_size: int, force: bool = False) -> None:
+        self.done += 1
+        self.images += rec.get("images", 0)
+        self.left_images -= part_size
+        self.maybe_print(force)
+
+    def maybe_print(self, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self.last < self.every:
+            return
+        self.last = now
+        elapsed = max(now - self.t0, 1e-9)
+        rate = self.images / elapsed
+        if self.left_images <= 0:
+            eta = "0:00:00"
+        elif rate > 0:
+            eta = _hms(self.left_images / rate)
+        else:
+            eta = "?"
+        print(
+            f"tokens: {self.done}/{self.total} shards, {self.images} images in {_hms(elapsed)}, "
+            f"{rate:.1f} images/s, ETA {eta}",
+            file=self.stream,
+            flush=True,
+        )
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _default_actors(gpus: float, cpus: float) -> int:
+    if gpus >= 1:
+        return int(gpus)
+    return max(1, int(cpus))
+
+
+def _run_pool(params: BuildParams, todo: list, num_actors: int | None, progress: Progress) -> dict[int, dict]:
+    import ray
+
+    res = ray.cluster_resources()
+    gpus, cpus = float(res.get("GPU", 0)), float(res.get("CPU", 1))
+    n = max(1, min(num_actors or _default_actors(gpus, cpus), len(todo)))
+    if not gpus:
+        n = min(n, max(1, int(cpus)))  # actors hold their CPUs for life: more would never be scheduled
+    threads = max(1, int(cpus // n))  # each actor reserves its share of the CPUs and uses that many threads
+    opts: dict[str, Any] = {"max_restarts": 3, "max_task_retries": 3, "num_cpus": threads}
+    if gpus:
+        opts["num_gpus"] = 1 if gpus >= n else gpus / n
+        # Two partitions at a time per GPU actor: one is read and decoded while the other encodes.
+        opts["max_concurrency"] = 2
+    Worker = ray.remote(TokenWorker).options(**opts)
+    t0 = time.perf_counter()
+    actors = [Worker.remote(params, threads) for _ in range(n)]
+    ray.get([a.pid.remote() for a in actors])  # started, tokenizer loaded, source opened
+    progress.startup_s = time.perf_counter() - t0
+    print(
+        f"tokens: {len(todo)} partitions on {n} actor(s) "
+        f"({'GPU ' + format(opts['num_gpus'], 'g') + ' each' if gpus else f'CPU, {threads} thread(s) each'}), "
+        f"started in {progress.startup_s:.1f}s",
+        flush=True,
+    )
+    progress.t0 = progress.last = time.perf_counter()  # rates and ETA from here on
+    queue = deque(todo)
+    inflight: dict = {}
+    results: dict[int, dict] = {}
+
+    def submit(actor):
+        if queue:
+            part = queue.popleft()
+            inflight[actor.run.remote(part.index, part.start, part.stop)] = (actor, part)
+
+    for _ in range(opts.get("max_concurrency", 1) + 1):  # one more per actor than it runs at once: no idle gap
+        for actor in actors:
+            submit(actor)
+    try:
+        while inflight:
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=progress.every)
+            if not ready:
+                progress.maybe_print()
+                continue
+            for ref in ready:
+                actor, part = inflight.pop(ref)
+                try:
+                    rec = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    cause = e.as_instanceof_cause()
+                    raise CacheError(f"partition {part.index} failed: {cause}") from None
+                except ray.exceptions.RayActorError as e:
+                    raise CacheError(f"partition {part.index}: its worker died (after retries): {e}") from None
+                results[part.index] = rec
+                progress.update(rec, part.size)
+                submit(actor)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    return results
+
+
+def _existing_info(cache_dir: str) -> dict[str, Any] | None:
+    path = storage.join(cache_dir, CACHE_INFO)
+    if not storage.exists(path):
+        return None
+    return json.loads(storage.read_bytes(path))
+
+
+def _committed(cache_dir: str) -> list[dict[str, Any]]:
+    if not storage.exists(storage.join(cache_dir, MANIFEST)):
+        return []
+    return read_manifest(cache_dir)
+
+
+def build_cache(
+    tokenizer_dir: str,
+    source_spec: str,
+    out_root: str,
+    views: int = 1,
+    *,
+    batch_size: int = 64,
+    num_actors: int | None = None,
+    seed: int = 0,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    progress_every: float = 5.0,
+    _delay_s: float = 0.0,
+) -> str:
+    """Build (or resume, or bring up to date) the token cache; returns ``out_root/<tokenizer_id>``."""
+    return run_build(
+        tokenizer_dir,
+        source_spec,
+        out_root,
+        views,
+        batch_size=batch_size,
+        num_actors=num_actors,
+        seed=seed,
+        address=address,
+        num_cpus=num_cpus,
+        progress_every=progress_every,
+        _delay_s=_delay_s,
+    ).cache_dir
+
+
+def run_build(
+    tokenizer_dir: str,
+    source_spec: str,
+    out_root: str,
+    views: int = 1,
+    *,
+    batch_size: int = 64,
+    num_actors: int | None = None,
+    seed: int = 0,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    progress_every: float = 5.0,
+    _delay_s: float = 0.0,
+) -> BuildReport:
+    """``build_cache`` with a report of what was done."""
+    from pipeline.ray_context import ray_session
+    from pipeline.sources import open_source
+    from tokenizer.base import load_tokenizer
+
+    if views < 1:
+        raise ValueError(f"views must be >= 1, got {views}")
+    t0 = time.perf_counter()
+    tokenizer_dir = str(tokenizer_dir) if storage.is_uri(tokenizer_dir) else os.path.abspath(tokenizer_dir)
+    tok = load_tokenizer(tokenizer_dir)
+    tok_id = tok.tokenizer_id  # a hash over the weights: computed once
+    source = open_source(source_spec)
+    fingerprint = source.fingerprint()
+    parts = source.partitions()
+    cache_dir = storage.join(out_root, tok_id)
+    storage.makedirs(cache_dir)
+
+    info = _existing_info(cache_dir)
+    if info is not None and (info.get("views"), info.get("seed")) != (views, seed):
+        raise CacheError(
+            f"{cache_dir} holds a cache with views={info.get('views')}, seed={info.get('seed')}; a cache with "
+            f"views={views}, seed={seed} needs another --out (or remove the old one)"
+        )
+    committed = _committed(cache_dir)
+    params = BuildParams(
+        tokenizer_dir=tokenizer_dir,
+        tokenizer_id=tok_id,
+        source_spec=str(source_spec),
+        source_fingerprint=fingerprint,
+        cache_dir=cache_dir,
+        views=views,
+        seed=seed,
+        batch_size=batch_size,
+        committed=frozenset(r["shard"] for r in committed),
+        delay_s=_delay_s,
+    )
+    files = set(storage.list_names(cache_dir))
+    done: dict[int, dict] = {}
+    for rec in sorted(load_records(cache_dir), key=lambda r: r.get("created", 0)):
+        i = rec.get("partition")
+        if isinstance(i, int) and i < len(parts) and record_current(rec, parts[i], params, files):
+            done[i] = rec
+    todo = [p for p in parts if p.index not in done]
+    report = BuildReport(cache_dir, tok_id, len(parts))
+    report.reused = len(done)
+
+    if not todo and _matches_commit(committed, info, done, params):
+        report.up_to_date = True
+        report.samples = sum(r["samples"] for r in done.values())
+        report.errors = sum(len(r["errors"]) for r in done.values())
+        report.seconds = time.perf_counter() - t0
+        print(f"tokens: {cache_dir} is up to date ({len(parts)} shards, {report.samples} samples); nothing to do")
+        return report
+
+    print(
+        f"tokens: {source.describe()}; tokenizer {tok_id} ({tok.kind}, vocab {tok.vocab_size}, "
+        f"grid {tuple(tok.grid)}, {tok.input_size}px); {views} view(s); {len(done)} of {len(parts)} shards "
+        f"already done -> {cache_dir}",
+        flush=True,
+    )
+    if todo:
+        progress = Progress(len(parts), len(done), sum(p.size for p in todo), every=progress_every)
+        with ray_session(address, num_cpus):
+            results = _run_pool(params, todo, num_actors, progress)
+        progress.maybe_print(force=True)
+        report.startup_s = progress.startup_s
+        report.encode_s = time.perf_counter() - progress.t0
+        if open_source(source_spec).fingerprint() != fingerprint:  # finished shards are kept for the rerun
+            raise CacheError(f"source {source_spec!r} changed during the build; rerun to bring the cache up to date")
+        for i, rec in results.items():
+            if rec.get("reused"):
+                report.reused += 1
+            else:
+                report.encoded += 1
+            report.images += rec.get("images", 0)
+            done[i] = rec
+    _commit(cache_dir, tok, source, params, parts, done, report)
+    report.seconds = time.perf_counter() - t0
+    print(
+        f"tokens: committed {cache_dir}: {report.samples} samples in {sum(1 for r in done.values() if r['shard'])} "
+        f"shards, {report.errors} error(s); {report.encoded} shard(s) encoded, {report.reused} kept",
+        flush=True,
+    )
+    return report
+
+
+def _matches_commit(committed: list, info: dict | None, done: dict[int, dict], params: BuildParams) -> bool:
+    """The committed manifest lists exactly the current shards and cache.json the current source."""
+    if not committed or info is None:
+        return False
+    if info.get("source_fingerprint") != params.source_fingerprint or info.get("source") != params.source_spec:
+        return False
+    current = {r["shard"]: r for r in done.values() if r["shard"]}
+    listed = {r["shard"]: r for r in committed}
+    if set(current) != set(listed):
+        return False
+    return all(
+        listed[s]["sha256"] == rec["sha256"] and listed[s]["source_fingerprint"] == params.source_fingerprint
+        for s, rec in current.items()
+    )
+
+
+def _commit(cache_dir, tok, source, params: BuildParams, parts, done: dict[int, dict], report: BuildReport) -> None:
+    recs = [done[p.index] for p in parts]
+    errors = [e for r in recs for e in r["errors"]]
+    samples = sum(r["samples"] for r in recs)
+    if samples + len(errors) != len(source):
+        raise CacheError(
+            f"counts do not add up: {samples} samples + {len(errors)} errors != {len(source)} source items"
+        )
+    report.samples, report.errors = samples, len(errors)
+    created = datetime.now(timezone.utc).replace(microsecond=0)
+    rows = [
+        {
+            "shard": r["shard"],
+            "samples": r["samples"],
+            "bytes": r["bytes"],
+            "sha256": r["sha256"],
+            "tokenizer_id": params.tokenizer_id,
+            "source_fingerprint": params.source_fingerprint,
+            "views": params.views,
+            "created": created,
+        }
+        for r in recs
+        if r["shard"]
+    ]
+    info = {
+        "format": CACHE_FORMAT,
+        "tokenizer_id": params.tokenizer_id,
+        "tokenizer_dir": params.tokenizer_dir,
+        "kind": tok.kind,
+        "vocab_size": int(tok.vocab_size),
+        "grid": [int(g) for g in tok.grid],
+        "input_size": int(tok.input_size),
+        "views": params.views,
+        "seed": params.seed,
+        "source": params.source_spec,
+        "source_kind": source.kind,
+        "source_fingerprint": params.source_fingerprint,
+        "source_size": len(source),
+        "partitions": len(parts),
+        "partition_size": source.partition_size,
+        "shards": len(rows),
+        "samples": samples,
+        "errors": len(errors),
+        "classes": source.classes,
+        "created": created.isoformat(),
+    }
+    write_errors(cache_dir, errors)
+    storage.write_bytes_atomic(storage.join(cache_dir, CACHE_INFO), json.dumps(info, indent=1).encode())
+    write_manifest(cache_dir, rows)  # last: the commit point
+
+
+__all__ = ["BuildReport", "Progress", "build_cache", "run_build"]
