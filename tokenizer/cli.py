@@ -2,11 +2,39 @@
 
 from __future__ import annotations
 
-from pipeline.cli import not_built
+import argparse
 
 
 def register(sub) -> None:
+    from pipeline.cli import add_config_arguments
+    from pipeline.ray_context import add_ray_arguments
+
     p = sub.add_parser("tokenizer", help="train a visual tokenizer (dVAE or VQ-KD)")
-    p.set_defaults(handler=not_built("tokenizer", "issue #3"))
-    p = sub.add_parser("tokens", help="build, refresh, verify and show the offline token cache")
-    p.set_defaults(handler=not_built("tokens", "issue #4"))
+    tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    train = tsub.add_parser(
+        "train",
+        help="train a tokenizer as a Ray Train job (resumes a run; skips if the output is current)",
+        description="Train a dVAE or VQ-KD tokenizer on any data source. Packaged recipes: "
+        "demo (= vqkd_demo), vqkd_demo, dvae_demo, vqkd_base, dvae_base.",
+    )
+    add_config_arguments(train, "tokenizer")
+    add_ray_arguments(train)
+    train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    train.set_defaults(handler=_train)
+    from tokenizer.cache_cli import register_tokens
+
+    register_tokens(sub)  # tokens build|refresh|verify|show|list
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pipeline.config import dump_config, load_config
+    from pipeline.ray_context import ray_session
+    from tokenizer.train import TokenizerTrainConfig, train_tokenizer
+
+    cfg = load_config(TokenizerTrainConfig, args.config, args.overrides, stage="tokenizer")
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    with ray_session(args.address, args.num_cpus):
+        train_tokenizer(cfg, address=args.address)
+    return 0

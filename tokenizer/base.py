@@ -1,0 +1,333 @@
+"""The tokenizer contract: config, the common ``Tokenizer`` interface, save / load / ``tokenizer_id``.
+
+A tokenizer checkpoint is a directory (local path or object-store URI) holding
+
+* ``config.json`` — the ``TokenizerConfig`` (kind, vocab size, token grid, input size, normalisation
+  and the model's hyperparameters), and
+* ``model.safetensors`` — the weights needed to *encode* (and, for the dVAE, to decode); training-only
+  state (EMA statistics, the VQ-KD decoder, optimiser) lives in the Ray Train checkpoints instead.
+
+``tokenizer_id`` is a short sha256 over the tensors (sorted by name: name, dtype, shape, raw bytes)
+and the canonical config JSON (sorted keys), so the same content gives the same id on any machine,
+whatever the safetensors header's byte layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from pipeline.config import ConfigError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+ID_LENGTH = 16
+MAX_VOCAB = 65536  # the token cache stores ids as uint16
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class TokenizerLoadError(ConfigError):
+    """A tokenizer checkpoint that cannot be loaded; the message names the file and field."""
+
+
+@dataclass
+class TokenizerConfig:
+    """Everything needed to rebuild a tokenizer for encoding. Fields not used by a kind are ignored.
+
+    ``width``/``depth``: VQ-KD — the ViT encoder's embedding dim and number of blocks; dVAE — the
+    conv trunk's base channels and residual blocks per resolution. ``code_dim``: VQ-KD — dimension of
+    the l2-normalised code space; dVAE — dimension of the decoder's code embedding.
+    ``decoder_width``/``decoder_depth``: the VQ-KD training decoder (0 width = ``width``).
+    """
+
+    kind: Literal["dvae", "vqkd"] = "vqkd"
+    vocab_size: int = 256
+    grid: int = 8  # token grid side: h = w = grid
+    input_size: int = 64  # the square image size the tokenizer sees, in pixels
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    width: int = 64
+    depth: int = 2
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    code_dim: int = 32
+    decoder_width: int = 0
+    decoder_depth: int = 1
+
+    def __post_init__(self):
+        self.mean = tuple(float(x) for x in self.mean)
+        self.std = tuple(float(x) for x in self.std)
+        if self.kind not in ("dvae", "vqkd"):
+            raise ValueError(f"kind must be 'dvae' or 'vqkd', got {self.kind!r}")
+        if not 2 <= self.vocab_size <= MAX_VOCAB:
+            raise ValueError(f"vocab_size must be in [2, {MAX_VOCAB}] (tokens are stored as uint16), got {self.vocab_size}")
+        if self.grid < 1:
+            raise ValueError(f"grid must be >= 1, got {self.grid}")
+        if self.input_size < self.grid or self.input_size % self.grid:
+            raise ValueError(f"input_size ({self.input_size}) must be a multiple of grid ({self.grid})")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean/std must be 3 values each with std > 0, got {self.mean} / {self.std}")
+        if self.width < 1 or self.depth < 0 or self.code_dim < 1:
+            raise ValueError(f"width, code_dim must be >= 1 and depth >= 0 (got {self.width}, {self.code_dim}, {self.depth})")
+        factor = self.input_size // self.grid
+        if self.kind == "dvae" and factor & (factor - 1):
+            raise ValueError(
+                f"dvae: input_size / grid = {factor} must be a power of two (stride-2 stages), "
+                f"got input_size {self.input_size}, grid {self.grid}"
+            )
+        if self.kind == "vqkd":
+            if self.width % self.num_heads:
+                raise ValueError(f"vqkd: width ({self.width}) must be divisible by num_heads ({self.num_heads})")
+            if self.decoder_depth < 1:
+                raise ValueError(f"vqkd: decoder_depth must be >= 1, got {self.decoder_depth}")
+
+    @property
+    def patch_size(self) -> int:
+        return self.input_size // self.grid
+
+    def canonical_json(self) -> str:
+        return json.dumps(config_to_dict(self), sort_keys=True, separators=(",", ":"))
+
+
+def config_to_dict(cfg: TokenizerConfig) -> dict:
+    from pipeline.config import to_dict
+
+    return to_dict(cfg)
+
+
+class Tokenizer(nn.Module):
+    """Common interface of the dVAE and the VQ-KD tokenizers.
+
+    ``encode`` takes float images ``[B, 3, input_size, input_size]`` in [0, 1] (normalisation happens
+    inside) and returns token ids ``[B, h, w]``.
+    """
+
+    def __init__(self, config: TokenizerConfig):
+        super().__init__()
+        self.config = config
+        self.register_buffer("pixel_mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
+
+    # --- description -------------------------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        return self.config.kind
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.config.grid, self.config.grid)
+
+    @property
+    def input_size(self) -> int:
+        return self.config.input_size
+
+    @property
+    def tokenizer_id(self) -> str:
+        return compute_tokenizer_id(self.export_state_dict(), self.config)
+
+    def describe(self) -> str:
+        params = sum(p.numel() for p in self.export_state_dict().values())
+        h, w = self.grid
+        return (
+            f"{self.kind} tokenizer: vocab {self.vocab_size}, grid {h}x{w}, input {self.input_size}px, "
+            f"{params / 1e6:.2f}M parameters"
+        )
+
+    # --- preprocessing ------------------------------------------------------------------------
+    def check_images(self, images: torch.Tensor) -> torch.Tensor:
+        s = self.input_size
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (s, s):
+            shape = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(
+                f"{self.kind} tokenizer takes images of shape [B, 3, {s}, {s}] (input_size {s}), got {shape}; "
+                f"render views at input_size={s}"
+            )
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255.0)
+        elif not images.is_floating_point():
+            raise ValueError(f"images must be float in [0, 1] (or uint8), got dtype {images.dtype}")
+        return images
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        images = self.check_images(images)
+        return (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * self.pixel_std + self.pixel_mean).clamp(0.0, 1.0)
+
+    # --- the interface ------------------------------------------------------------------------
+    def encode(self, images: torch.Tensor) -> torch.Tensor:  # [B, h, w] int64
+        raise NotImplementedError
+
+    def encode_features(self, images: torch.Tensor) -> torch.Tensor:  # [B, h*w, D]
+        raise NotImplementedError(f"{self.kind} tokenizer has no code-space features")
+
+    def codebook(self) -> torch.Tensor:  # [K, D]
+        raise NotImplementedError
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{self.kind} tokenizer cannot decode tokens to pixels (only the dvae can)")
+
+    def check_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        h, w = self.grid
+        if tokens.ndim != 3 or tuple(tokens.shape[1:]) != (h, w):
+            raise ValueError(f"tokens must have shape [B, {h}, {w}], got {list(tokens.shape)}")
+        tokens = tokens.long()
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]")
+        return tokens
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors that go to ``model.safetensors`` (persistent state only, contiguous, on CPU)."""
+        return {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+
+    def mark_loaded(self) -> None:
+        """Called after weights are loaded from a checkpoint (the VQ-KD marks its codebook initialised)."""
+
+
+def build_tokenizer(config: TokenizerConfig) -> Tokenizer:
+    if config.kind == "dvae":
+        from tokenizer.dvae import DVAE
+
+        return DVAE(config)
+    from tokenizer.vqkd import VQKD
+
+    return VQKD(config)
+
+
+# --- identity -----------------------------------------------------------------------------------
+def compute_tokenizer_id(tensors: dict[str, torch.Tensor], config: TokenizerConfig) -> str:
+    h = hashlib.sha256(b"mimflow-tokenizer-v1\0")
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(name.encode() + b"\0" + str(t.dtype).encode() + b"\0" + json.dumps(list(t.shape)).encode() + b"\0")
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(b"config\0" + config.canonical_json().encode())
+    return h.hexdigest()[:ID_LENGTH]
+
+
+def tokenizer_id(path: str | Path) -> str:
+    """The id of a saved tokenizer (same content => same id, on any machine)."""
+    config, tensors = _read_checkpoint(path)
+    return compute_tokenizer_id(tensors, config)
+
+
+# --- save / load --------------------------------------------------------------------------------
+def save_tokenizer(tok: Tokenizer, path: str | Path) -> str:
+    """Write ``config.json`` + ``model.safetensors`` (each atomically; weights first); returns the id."""
+    from safetensors.torch import save
+
+    from pipeline import storage
+
+    tensors = tok.export_state_dict()
+    storage.makedirs(path)
+    storage.write_bytes_atomic(storage.join(path, WEIGHTS_FILE), save(tensors, metadata={"format": "pt"}))
+    doc = {**config_to_dict(tok.config), "tokenizer_id": compute_tokenizer_id(tensors, tok.config)}
+    storage.write_bytes_atomic(storage.join(path, CONFIG_FILE), (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+    return doc["tokenizer_id"]
+
+
+def _read_checkpoint(path: str | Path) -> tuple[TokenizerConfig, dict[str, torch.Tensor]]:
+    from safetensors.torch import load
+
+    from pipeline import storage
+    from pipeline.config import from_dict
+
+    path = str(path)
+    if not storage.exists(path):
+        raise FileNotFoundError(f"tokenizer checkpoint not found: {path}")
+    if not storage.is_dir(path):
+        raise TokenizerLoadError(f"tokenizer checkpoint {path} must be a directory holding {CONFIG_FILE} and {WEIGHTS_FILE}")
+    cfg_path, weights_path = storage.join(path, CONFIG_FILE), storage.join(path, WEIGHTS_FILE)
+    for p in (cfg_path, weights_path):
+        if not storage.exists(p):
+            raise FileNotFoundError(f"tokenizer checkpoint {path} is incomplete: missing {p}")
+    try:
+        doc = json.loads(storage.read_bytes(cfg_path).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerLoadError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise TokenizerLoadError(f"{cfg_path}: expected a JSON object, got {type(doc).__name__}")
+    doc.pop("tokenizer_id", None)  # informative only; recomputed from content
+    for required in ("kind", "vocab_size", "grid", "input_size"):
+        if required not in doc:
+            raise TokenizerLoadError(f"{cfg_path}: missing field {required!r}")
+    try:
+        config = from_dict(TokenizerConfig, doc)
+    except ConfigError as e:
+        raise TokenizerLoadError(f"{cfg_path}: {e}") from None
+    try:
+        tensors = load(storage.read_bytes(weights_path))
+    except Exception as e:  # safetensors raises its own error type for corrupt headers / truncation
+        raise TokenizerLoadError(f"{weights_path}: corrupt or not a safetensors file ({type(e).__name__}: {e})") from None
+    return config, tensors
+
+
+def load_tokenizer(path: str | Path, map_location: str | torch.device = "cpu") -> Tokenizer:
+    """Load a tokenizer directory; errors name the file and field that is wrong."""
+    config, tensors = _read_checkpoint(path)
+    weights_path = f"{path}/{WEIGHTS_FILE}"
+    tok = build_tokenizer(config)
+    expected = tok.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        raise TokenizerLoadError(
+            f"{weights_path} does not match the {config.kind} config in config.json ({'; '.join(parts)}): saved from "
+            f"another kind of tokenizer, or with another input_size/grid/depth?"
+        )
+    for name, ref in expected.items():
+        got = tensors[name]
+        if tuple(got.shape) != tuple(ref.shape):
+            raise TokenizerLoadError(f"{weights_path}: {_mismatch(name, tuple(got.shape), tuple(ref.shape), config)}")
+    tok.load_state_dict(tensors, strict=True)
+    tok.mark_loaded()
+    return tok.to(map_location).eval()
+
+
+def _mismatch(name: str, got: tuple, want: tuple, config: TokenizerConfig) -> str:
+    n = config.grid * config.grid
+    if "pos_embed" in name and n in want:
+        side = math.isqrt(got[1]) if len(got) == 3 else 0
+        return (
+            f"tensor {name!r} has shape {list(got)} but config.json grid={config.grid} expects {list(want)} "
+            f"(grid mismatch{f': weights are for grid {side}' if side * side == got[1] and side else ''})"
+        )
+    if config.vocab_size in want:
+        return (
+            f"tensor {name!r} has shape {list(got)} but config.json vocab_size={config.vocab_size} "
+            f"expects {list(want)} (vocab size mismatch)"
+        )
+    return f"tensor {name!r} has shape {list(got)}, config.json implies {list(want)}"
+
+
+Tokenizer.load = staticmethod(load_tokenizer)
+
+__all__ = [
+    "TokenizerConfig",
+    "TokenizerLoadError",
+    "Tokenizer",
+    "build_tokenizer",
+    "compute_tokenizer_id",
+    "load_tokenizer",
+    "save_tokenizer",
+    "tokenizer_id",
+]
