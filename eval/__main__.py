@@ -8,9 +8,7 @@ from typing import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pipeline.cli import StageError
-    from pipeline.config import ConfigError
-    from pipeline.sources import SourceError
+    from pipeline.cli import run_command
 
     from eval.eval_cli import DESCRIPTION, add_eval_arguments, handle_eval
 
@@ -19,11 +17,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     add_eval_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return handle_eval(args)
-    except (StageError, ConfigError, SourceError, FileNotFoundError) as e:
-        print(f"eval: error: {e}", file=sys.stderr)
-        return 2
+    return run_command("python -m eval", lambda: handle_eval(args))
 
 
 if __name__ == "__main__":

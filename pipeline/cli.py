@@ -30,14 +30,6 @@ def add_config_arguments(parser: argparse.ArgumentParser, stage: str, default: s
     )
 
 
-def not_built(stage: str, issue: str) -> Callable[[argparse.Namespace], int]:
-    def handler(args: argparse.Namespace) -> int:
-        print(f"mimflow {stage}: this stage is not built yet ({issue}).", file=sys.stderr)
-        return 3
-
-    return handler
-
-
 def build_parser() -> argparse.ArgumentParser:
     from eval import cli as eval_cli
     from pipeline import data_cli, run_cli
@@ -57,20 +49,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run_command(prog: str, command: Callable[[], int | None], interrupted: str = "finished work is kept, rerun to resume") -> int:
+    """Run a command; errors a user can act on become one line on stderr and exit code 2."""
     from pipeline.config import ConfigError
+    from pipeline.shards import CacheError
     from pipeline.sources import SourceError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        return int(args.handler(args) or 0)
-    except (StageError, ConfigError, SourceError, FileNotFoundError) as e:
-        print(f"mimflow {args.command}: error: {e}", file=sys.stderr)
+        return int(command() or 0)
+    except (StageError, ConfigError, SourceError, CacheError, OSError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"mimflow {args.command}: interrupted; finished work is kept, rerun to resume", file=sys.stderr)
+        print(f"{prog}: interrupted; {interrupted}", file=sys.stderr)
         return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(f"mimflow {args.command}", lambda: args.handler(args))
 
 
 if __name__ == "__main__":

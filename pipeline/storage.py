@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -105,12 +105,20 @@ def atomic_output(location: str | os.PathLike) -> Iterator[IO[bytes]]:
         stream.close()
         if local:
             os.replace(target, path)  # atomic on POSIX within one directory
-    except BaseException:
+    except BaseException as e:
         try:
-            stream.close()
+            with suppress(OSError):  # closing a stream on a full disk fails again: keep the first error
+                stream.close()
         finally:
             if local and os.path.exists(target):
                 os.remove(target)
+        if isinstance(e, OSError) and e.errno is not None and str(location) not in str(e):
+            # pyarrow's write errors do not say which file (e.g. ENOSPC mid-shard): name it
+            try:
+                named = type(e)(e.errno, f"cannot write {location}: {e.strerror or e}")
+            except Exception:  # an OSError subclass with another constructor: keep it as it is
+                raise e from None
+            raise named from None  # (a remote traceback would carry the chain into the message)
         raise
 
 

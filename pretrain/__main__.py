@@ -16,22 +16,16 @@ from typing import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pipeline.cli import StageError
-    from pipeline.config import ConfigError
+    from pipeline.cli import run_command
     from pretrain.cli import add_pretrain_arguments, pretrain_command
 
     parser = argparse.ArgumentParser(prog="python -m pretrain", description="Masked image modeling pretraining on Ray Train.")
     add_pretrain_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return pretrain_command(args)
-    except (StageError, ConfigError, FileNotFoundError) as e:
-        print(f"python -m pretrain: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("python -m pretrain: interrupted; rerun the same command to resume from the last checkpoint",
-              file=sys.stderr)
-        return 130
+    return run_command(
+        "python -m pretrain", lambda: pretrain_command(args),
+        interrupted="rerun the same command to resume from the last checkpoint",
+    )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ from pipeline.config import dump_config, from_dict
 class Meter:
     """Sums of (loss, correct, masked count, images, batches) on the device; reduced over ranks on read."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, accuracy: bool = True):
         self.device = device
+        self.accuracy = accuracy  # token targets only: pixels have no accuracy
         self.sums = torch.zeros(5, dtype=torch.float64, device=device)
         self.start = time.perf_counter()
 
@@ -43,7 +44,7 @@ class Meter:
         loss, correct, count, images, batches = sums.tolist()
         seconds = max(time.perf_counter() - self.start, 1e-9)
         out = {"loss": loss / max(batches, 1), "images_per_s": images / seconds, "images": images}
-        if count > 0:
+        if self.accuracy and count > 0:
             out["acc"] = correct / count
         self.sums.zero_()
         self.start = time.perf_counter()
@@ -179,7 +180,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                          pin_memory=gpu) if remaining else []
     config_yaml = dump_config(cfg)
     spe = plan.steps_per_epoch
-    window, epoch_meter = Meter(device), Meter(device)
+    window, epoch_meter = Meter(device, cfg.target != "pixels"), Meter(device, cfg.target != "pixels")
     step, steps_here, last = start_step, 0, {}
     run_start = time.perf_counter()
     model.train()
@@ -223,7 +224,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             if rank == 0:
                 log.write(rec)
                 eta = (time.perf_counter() - run_start) / steps_here * (end_step - step)
-                acc = f"  acc {m['acc'] * 100:5.1f}%" if "acc" in m and cfg.target != "pixels" else ""
+                acc = f"  acc {m['acc'] * 100:5.1f}%" if "acc" in m else ""
                 say(f"pretrain  epoch {step / spe:5.2f}/{plan.total_steps / spe:.4g}  step {step}/{plan.total_steps}"
                     f"  loss {m['loss']:.4f}{acc}  lr {lr:.2e}  {m['images_per_s']:.0f} img/s  eta {_fmt_time(eta)}")
         report: dict[str, Any] = {}

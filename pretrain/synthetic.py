@@ -57,6 +57,8 @@ def write_cache(
     sizes = list(shard_sizes) if shard_sizes else [len(samples)]
     if sum(sizes) > len(samples):
         raise ValueError(f"shard sizes {sizes} need {sum(sizes)} samples, the source has {len(samples)}")
+    params = list(tokenizer.parameters()) if isinstance(tokenizer, torch.nn.Module) else []
+    device = params[0].device if params else torch.device("cpu")
     rows, start = [], 0
     created = datetime.now(timezone.utc).replace(microsecond=0)
     for index, size in enumerate(sizes):
@@ -65,7 +67,8 @@ def write_cache(
             img = decode_rgb(s.data)
             vs = make_views(s.key, img.width, img.height, views, seed=seed)
             batch = torch.stack([to_tensor(render_view(img, v, tokenizer.input_size)) for v in vs])
-            tokens = tokenizer.encode(batch).cpu().numpy().astype(np.uint16)
+            with torch.no_grad():
+                tokens = tokenizer.encode(batch.to(device)).cpu().numpy().astype(np.uint16)
             members.append(encode_sample(s.key, s.data, s.fmt, tokens, img.width, img.height, vs, s.label))
         start += size
         name = shard_name(index)

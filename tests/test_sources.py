@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import struct
 import tarfile
 
@@ -12,7 +11,7 @@ from PIL import Image
 
 from pipeline.images import BadImageError, decode_rgb
 from pipeline.shapes import CLASSES, render_shape
-from pipeline.sources import BadInput, Sample, SourceError, expand_braces, open_source, read_all
+from pipeline.sources import BadInput, SourceError, expand_braces, open_source, read_all
 
 
 def _jpeg(seed: int, size: int = 24) -> bytes:

@@ -17,10 +17,8 @@ from typing import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pipeline.cli import add_config_arguments
-    from pipeline.config import ConfigError
+    from pipeline.cli import add_config_arguments, run_command
     from pipeline.ray_context import add_ray_arguments
-    from pipeline.sources import SourceError
 
     parser = argparse.ArgumentParser(
         prog="python -m tokenizer",
@@ -30,9 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_ray_arguments(parser)
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_args(argv)
-    try:
+    def command() -> int:
         from pipeline.config import dump_config
-        from pipeline.shards import CacheError
         from tokenizer.stage1 import load_stage1_config, run_stage1
 
         cfg = load_stage1_config(args.config, args.overrides)
@@ -40,14 +37,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(dump_config(cfg), end="")
             return 0
         result = run_stage1(cfg, address=args.address, num_cpus=args.num_cpus)
-    except (ConfigError, SourceError, CacheError, FileNotFoundError) as e:
-        print(f"python -m tokenizer: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("python -m tokenizer: interrupted; finished work is kept, rerun to resume", file=sys.stderr)
-        return 130
-    print(json.dumps(result), flush=True)
-    return 0
+        print(json.dumps(result), flush=True)
+        return 0
+
+    return run_command("python -m tokenizer", command)
 
 
 if __name__ == "__main__":

@@ -162,8 +162,8 @@ def _run_pool(params: BuildParams, todo: list, num_actors: int | None, progress:
                 try:
                     rec = ray.get(ref)
                 except ray.exceptions.RayTaskError as e:
-                    cause = e.as_instanceof_cause()
-                    raise CacheError(f"partition {part.index} failed: {cause}") from None
+                    # e.cause is the worker's own exception: its message, not Ray's remote traceback
+                    raise CacheError(f"partition {part.index} failed: {e.cause}") from None
                 except ray.exceptions.RayActorError as e:
                     raise CacheError(f"partition {part.index}: its worker died (after retries): {e}") from None
                 results[part.index] = rec
