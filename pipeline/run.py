@@ -168,7 +168,8 @@ def run_pipeline(cfg: RunConfig, address: str | None = None, log: Callable[[str]
             results["skipped"] += ["pretrain"] if skipped else []
 
         if "eval" in cfg.stages:
-            encoder = Path(results["pretrain"]["encoder"])
+            # the encoder this run's pretraining exports (also when pretraining is not among the stages)
+            encoder = Path(results.get("pretrain", {}).get("encoder") or out / "pretrain" / pre_cfg.run_name / "encoder")
             ev_cfg = load_config(
                 EvalConfig, cfg.eval.recipe,
                 [*cfg.eval.set, f"encoder={encoder}", f"train_source={cfg.source}",
