@@ -35,9 +35,12 @@ STEPS = 40
 
 
 def _alive_train_workers() -> list[int]:
+    import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+    # Name this test's Ray: other Ray instances on the machine must not confuse the state API.
+    address = ray.get_runtime_context().gcs_address
+    actors = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
                          raise_on_missing_output=False)
     return [a.pid for a in actors if a.pid]
 
