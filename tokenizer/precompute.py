@@ -188,34 +188,12 @@ def _committed(cache_dir: str) -> list[dict[str, Any]]:
     return read_manifest(cache_dir)
 
 
-def build_cache(
-    tokenizer_dir: str,
-    source_spec: str,
-    out_root: str,
-    views: int = 1,
-    *,
-    batch_size: int = 64,
-    num_actors: int | None = None,
-    seed: int = 0,
-    address: str | None = None,
-    num_cpus: int | None = None,
-    progress_every: float = 5.0,
-    _delay_s: float = 0.0,
-) -> str:
-    """Build (or resume, or bring up to date) the token cache; returns ``out_root/<tokenizer_id>``."""
-    return run_build(
-        tokenizer_dir,
-        source_spec,
-        out_root,
-        views,
-        batch_size=batch_size,
-        num_actors=num_actors,
-        seed=seed,
-        address=address,
-        num_cpus=num_cpus,
-        progress_every=progress_every,
-        _delay_s=_delay_s,
-    ).cache_dir
+def build_cache(tokenizer_dir: str, source_spec: str, out_root: str, views: int = 1, **options: Any) -> str:
+    """Build (or resume, or bring up to date) the token cache; returns ``out_root/<tokenizer_id>``.
+
+    ``options`` are ``run_build``'s keywords (batch_size, num_actors, seed, address, num_cpus, ...).
+    """
+    return run_build(tokenizer_dir, source_spec, out_root, views, **options).cache_dir
 
 
 def run_build(
