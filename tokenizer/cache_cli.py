@@ -9,35 +9,24 @@ import argparse
 import json
 import sys
 
-from pipeline.cli import StageError
-
 SOURCE_HELP = "source spec: a folder, WebDataset tars (s-{000..009}.tar), idx:DIR or shapes?n=..&size=.."
-
-
-def _cache_errors():
-    from pipeline.shards import CacheError
-
-    return (CacheError,)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
     from tokenizer.precompute import run_build
 
-    try:
-        report = run_build(
-            args.tokenizer,
-            args.source,
-            args.out,
-            args.views,
-            batch_size=args.batch_size,
-            num_actors=args.actors,
-            seed=args.seed,
-            address=args.address,
-            num_cpus=args.num_cpus,
-            progress_every=args.progress_every,
-        )
-    except _cache_errors() as e:
-        raise StageError(str(e)) from None
+    report = run_build(
+        args.tokenizer,
+        args.source,
+        args.out,
+        args.views,
+        batch_size=args.batch_size,
+        num_actors=args.actors,
+        seed=args.seed,
+        address=args.address,
+        num_cpus=args.num_cpus,
+        progress_every=args.progress_every,
+    )
     print(report.cache_dir)
     return 0
 
@@ -45,22 +34,19 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_refresh(args: argparse.Namespace) -> int:
     from tokenizer.cache_ops import refresh
 
-    try:
-        report = refresh(
-            args.tokenizer,
-            args.out,
-            args.source,
-            args.views,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            num_actors=args.actors,
-            address=args.address,
-            num_cpus=args.num_cpus,
-            gc=args.gc,
-            progress_every=args.progress_every,
-        )
-    except _cache_errors() as e:
-        raise StageError(str(e)) from None
+    report = refresh(
+        args.tokenizer,
+        args.out,
+        args.source,
+        args.views,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        num_actors=args.actors,
+        address=args.address,
+        num_cpus=args.num_cpus,
+        gc=args.gc,
+        progress_every=args.progress_every,
+    )
     print(report.cache_dir)
     return 0
 
@@ -76,10 +62,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from tokenizer.cache_show import show
 
-    try:
-        rows = show(args.cache_dir, args.out, args.keys, n=args.n, tokenizer_dir=args.tokenizer, cell=args.cell)
-    except _cache_errors() as e:
-        raise StageError(str(e)) from None
+    rows = show(args.cache_dir, args.out, args.keys, n=args.n, tokenizer_dir=args.tokenizer, cell=args.cell)
     decoded = " with dVAE decodes" if any(r.decoded is not None for r in rows) else ""
     print(f"wrote {args.out}: {len(rows)} view(s) of {len({r.key for r in rows})} sample(s){decoded}")
     return 0
