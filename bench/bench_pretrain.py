@@ -57,7 +57,7 @@ def tokenizer_config(spec: dict[str, Any] | str):
 
     if isinstance(spec, str) and spec.startswith("recipe:"):
         from pipeline.config import load_config
-        from tokenizer.train import TokenizerTrainConfig
+        from tokenizer.train_config import TokenizerTrainConfig
 
         return load_config(TokenizerTrainConfig, spec.split(":", 1)[1], stage="tokenizer").model
     return TokenizerConfig(**spec)

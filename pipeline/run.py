@@ -98,7 +98,8 @@ def run_pipeline(cfg: RunConfig, address: str | None = None, log: Callable[[str]
     from pretrain.train import PretrainConfig, run_pretrain
     from tokenizer.base import tokenizer_id
     from tokenizer.precompute import build_cache
-    from tokenizer.train import TokenizerTrainConfig, train_tokenizer
+    from tokenizer.train import train_tokenizer
+    from tokenizer.train_config import TokenizerTrainConfig
 
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:

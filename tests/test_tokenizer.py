@@ -101,7 +101,7 @@ def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="multiple of grid"):
         TokenizerConfig(input_size=30, grid=4)
     with pytest.raises(ConfigError, match="model.kind"):
-        from tokenizer.train import TokenizerTrainConfig
+        from tokenizer.train_config import TokenizerTrainConfig
 
         from_dict(TokenizerTrainConfig, {"model": {"kind": "vqgan"}})
 
@@ -249,7 +249,7 @@ def test_timm_teacher_from_local_safetensors(tmp_path):
 
 def test_packaged_recipes_load_and_demo_is_vqkd_demo():
     from pipeline.config import list_recipes, to_dict
-    from tokenizer.train import TokenizerTrainConfig
+    from tokenizer.train_config import TokenizerTrainConfig
 
     names = list_recipes("tokenizer")
     for name in ("demo", "vqkd_demo", "dvae_demo", "vqkd_base", "dvae_base"):

@@ -9,7 +9,8 @@ import pytest
 
 from pipeline.config import load_config
 from tokenizer.base import load_tokenizer, tokenizer_id
-from tokenizer.train import TokenizerTrainConfig, train_tokenizer
+from tokenizer.train import train_tokenizer
+from tokenizer.train_config import TokenizerTrainConfig
 
 TINY_VQKD = [
     "source=shapes?n=96&size=32&seed=3",
@@ -166,7 +167,7 @@ def test_bad_inputs_are_counted_and_skipped(ray_local, tmp_path):
 @pytest.mark.parametrize("spec", ["shapes?n=10&size=32&split=test"])
 def test_heldout_plan(spec):
     from pipeline.sources import open_source
-    from tokenizer.train import make_plan
+    from tokenizer.train_config import make_plan
 
     cfg = TokenizerTrainConfig(source=spec, heldout_size=4)
     plan = make_plan(cfg, open_source(spec))

@@ -29,7 +29,8 @@ def register(sub) -> None:
 def _train(args: argparse.Namespace) -> int:
     from pipeline.config import dump_config, load_config
     from pipeline.ray_context import ray_session
-    from tokenizer.train import TokenizerTrainConfig, train_tokenizer
+    from tokenizer.train import train_tokenizer
+    from tokenizer.train_config import TokenizerTrainConfig
 
     cfg = load_config(TokenizerTrainConfig, args.config, args.overrides, stage="tokenizer")
     if args.print_config:

@@ -2,7 +2,7 @@
 
 The config is the tokenizer's training config plus a ``tokens`` section::
 
-    tokenizer: {...}          # tokenizer.train.TokenizerTrainConfig
+    tokenizer: {...}          # tokenizer.train_config.TokenizerTrainConfig
     tokens: {out: ..., views: 1, batch_size: 64, actors: null, seed: 0, source: null}
 
 A recipe that is a plain tokenizer-training recipe (no ``tokenizer``/``tokens`` keys) is read as the
@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import yaml
 
 from pipeline.config import ConfigError, apply_overrides, from_dict, resolve_recipe
-from tokenizer.train import TokenizerTrainConfig
+from tokenizer.train_config import TokenizerTrainConfig
 
 SECTIONS = ("tokenizer", "tokens")
 

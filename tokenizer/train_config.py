@@ -1,0 +1,137 @@
+"""The tokenizer's training config, its fingerprint, and the plan of which items train and which are held out.
+
+Both the driver (``tokenizer.train``) and the workers (``tokenizer.train_loop``) read these.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+from pipeline.config import to_dict
+from tokenizer.base import TokenizerConfig
+
+# Execution-only fields: changing them does not change what is trained.
+_EXECUTION_FIELDS = (
+    "out", "storage_path", "run_name", "num_workers", "cpus_per_worker", "use_gpu",
+    "loader_workers", "checkpoint_every",
+)
+
+
+@dataclass
+class TokenizerTrainConfig:
+    source: str = "shapes?n=2000&size=64&split=train"
+    out: str = "out/tokenizer"
+    model: TokenizerConfig = field(default_factory=TokenizerConfig)
+    # teacher (VQ-KD): "hog" or "timm:<model_name>" with a local safetensors file
+    teacher: str = "hog"
+    teacher_weights: str | None = None
+    teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
+    hog_bins: int = 9
+    hog_cell: int | None = None  # default: half the patch size
+    standardize_targets: bool = True  # per-dimension standardisation of teacher features per batch
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 64  # global: split evenly across workers
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0  # 0 = off
+    amp: bool = True  # bf16 autocast on GPU (never on CPU: it is slower there)
+    # data
+    augment: bool = True  # random-resized crops + flips; else the centre view
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    cache_images: bool = True  # keep decoded images in memory (small sources)
+    loader_workers: int = 0  # DataLoader processes per Ray worker
+    heldout_source: str | None = None
+    heldout_size: int = 256
+    # VQ-KD codebook
+    ema_decay: float = 0.99
+    commitment_weight: float = 1.0
+    kmeans_iters: int = 10
+    restart_every: int = 20  # steps between dead-code restarts (0 = never)
+    # dVAE
+    temperature_start: float = 1.0
+    temperature_end: float = 0.0625
+    temperature_anneal: float = 0.8  # fraction of training over which the temperature decays
+    kl_weight: float = 0.0
+    gumbel_hard: bool = False  # straight-through: one-hot samples forward, relaxed gradients backward
+    # execution
+    num_workers: int = 1  # Ray Train workers (0 = in the driver process, nothing persisted)
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    seed: int = 0
+    run_name: str | None = None  # default: tokenizer-<kind>-<fingerprint>
+    storage_path: str | None = None  # Ray Train storage; default: <parent of out>/ray
+    checkpoint_every: int = 1  # epochs (the last epoch is always checkpointed)
+
+    def __post_init__(self):
+        checks = [
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
+            (self.cpus_per_worker > 0, f"cpus_per_worker must be > 0, got {self.cpus_per_worker}"),
+            (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}"),
+            (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
+            (self.temperature_start > 0 and self.temperature_end > 0, "temperatures must be > 0"),
+            (self.heldout_size >= 1, f"heldout_size must be >= 1, got {self.heldout_size}"),
+            (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
+            (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+# --- planning (driver side) ---------------------------------------------------------------------
+def training_fingerprint(cfg: TokenizerTrainConfig, source_fingerprint: str) -> str:
+    d = to_dict(cfg)
+    for name in _EXECUTION_FIELDS:
+        d.pop(name, None)
+    doc = json.dumps({"config": d, "source": source_fingerprint}, sort_keys=True, default=str)
+    return hashlib.sha256(doc.encode()).hexdigest()[:16]
+
+
+def _with_params(spec: str, **params: Any) -> str:
+    body, _, query = spec.partition("?")
+    q = dict(parse_qsl(query, keep_blank_values=True))
+    q.update({k: str(v) for k, v in params.items()})
+    return f"{body}?{urlencode(q)}"
+
+
+@dataclass
+class Plan:
+    train_start: int
+    train_stop: int
+    heldout_spec: str
+    heldout_start: int
+    heldout_stop: int
+    heldout_desc: str
+
+
+def make_plan(cfg: TokenizerTrainConfig, source) -> Plan:
+    """Held-out images: ``heldout_source`` if set; for ``shapes`` the ``test`` split; otherwise the last
+    ``heldout_size`` items of the source (at most a fifth of it), which are then left out of training."""
+    from pipeline.sources import open_source
+
+    n = len(source)
+    if cfg.heldout_source:
+        held = open_source(cfg.heldout_source)
+        k = min(cfg.heldout_size, len(held))
+        return Plan(0, n, cfg.heldout_source, 0, k, f"{k} images of {cfg.heldout_source!r}")
+    if source.kind == "shapes":
+        split = "heldout" if getattr(source, "split", "train") == "test" else "test"
+        spec = _with_params(source.spec, split=split, n=cfg.heldout_size)
+        return Plan(0, n, spec, 0, cfg.heldout_size, f"{cfg.heldout_size} images of the shapes {split!r} split")
+    k = min(cfg.heldout_size, n // 5)
+    if k == 0:
+        k = min(cfg.heldout_size, n)
+        return Plan(0, n, source.spec, 0, k, f"{k} training images (source too small to hold any out)")
+    return Plan(0, n - k, source.spec, n - k, n, f"the last {k} items of the source (not trained on)")
+
