@@ -37,23 +37,21 @@ What it does, and why:
   processes. ``stop`` asks ``ray start`` to shut down (SIGTERM), then TERM/KILLs whatever of *those*
   processes is left. Never ``ray stop``, never by name. PIDs are checked against their start time so a
   recycled PID is never signalled.
+
+This module starts a head, reports its status and is the CLI. The record and its state dir live in
+``infra.cluster_state``, finding and stopping processes in ``infra.cluster_procs``, ports in
+``infra.cluster_ports``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
-import errno
-import fcntl
 import json
 import os
 import random
 import secrets
 import shlex
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -64,409 +62,20 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-DEFAULT_STATE_DIR = Path(os.environ.get("MIMFLOW_CLUSTER_DIR", "~/.mimflow/cluster")).expanduser()
-STATE_FILE = "cluster.json"
-TOKEN_FILE = "auth_token"
-LOG_FILE = "ray-start.log"
-TAG_ENV = "MIMFLOW_RAY_CLUSTER"  # put in the head's env, inherited by every process of the cluster
+from infra.cluster_ports import PORT_FLAGS, all_ports_listening, pick_ports, ports_lock
+from infra.cluster_procs import (CHILDREN, TAG_ENV, cluster_processes, processes_referencing, read_stat,
+                                 stop_cluster, stop_processes)
+from infra.cluster_state import (DEFAULT_STATE_DIR, LOG_FILE, LOOPBACK, TOKEN_FILE, ClusterBusyError, ClusterError,
+                                 ClusterInfo, cleanup_files, flock, load_cluster, resolve_state_dir, shell_env,
+                                 write_state)
 
 # Ray names its unix sockets <temp_dir>/session_<date>_<time>_<us>_<pid>/sockets/plasma_store; sun_path
 # holds 107 bytes, so the temp dir must stay short (pytest's tmp_path usually does not).
 MAX_TEMP_DIR_LEN = 40
-WORKER_PORTS = 200  # one per worker process (and driver); Ray Train + Ray Data jobs stay far below
-SINGLE_PORTS = (
-    "gcs",
-    "dashboard",
-    "ray_client_server",
-    "node_manager",
-    "object_manager",
-    "metrics_export",
-    "dashboard_agent_listen",
-    "dashboard_agent_grpc",
-    "runtime_env_agent",
-)
-_PORT_FLAGS = {
-    "gcs": "--port",
-    "dashboard": "--dashboard-port",
-    "ray_client_server": "--ray-client-server-port",
-    "node_manager": "--node-manager-port",
-    "object_manager": "--object-manager-port",
-    "metrics_export": "--metrics-export-port",
-    "dashboard_agent_listen": "--dashboard-agent-listen-port",
-    "dashboard_agent_grpc": "--dashboard-agent-grpc-port",
-    "runtime_env_agent": "--runtime-env-agent-port",
-}
-LOOPBACK = "127.0.0.1"
-
-# Popen handles of heads started by this process, so that stop() can reap them (no zombies).
-_CHILDREN: dict[int, subprocess.Popen] = {}
-
-
-class ClusterError(RuntimeError):
-    """A local cluster could not be started, found or stopped; the message says what to do."""
-
-
-class ClusterBusyError(ClusterError):
-    """The state dir (or temp dir) already belongs to a running cluster."""
 
 
 # --------------------------------------------------------------------------------------------------
-# Cluster description
-
-
-@dataclasses.dataclass
-class ClusterInfo:
-    """What `start_cluster` started. Also a context manager: leaving the block stops the cluster."""
-
-    state_dir: Path
-    temp_dir: Path
-    temp_dir_owned: bool  # created by us (removed at stop) or given by the caller (kept)
-    address: str  # GCS address, "127.0.0.1:<port>": ray.init(address=...), `mimflow --address`
-    dashboard_url: str  # "http://127.0.0.1:<port>": the job API, `ray job submit --address`
-    ports: dict[str, int]
-    worker_ports: tuple[int, int]
-    num_cpus: int
-    num_gpus: int | None
-    auth_mode: str  # "token" | "disabled"
-    token_path: Path | None
-    tag: str
-    launcher_pid: int  # `ray start --block`, the leader of a new session
-    launcher_start: int  # its start time (clock ticks since boot), guards against PID reuse
-    pids: dict[int, int]  # pid -> start time, every cluster process seen when the head came up
-    log_path: Path
-    created: float
-
-    # -- client side -------------------------------------------------------------------------------
-    def client_env(self, base: dict[str, str] | None = None) -> dict[str, str]:
-        """Environment for a `ray job ...` subprocess (or a driver) talking to this cluster.
-
-        Sets RAY_API_SERVER_ADDRESS and RAY_ADDRESS to the dashboard URL, the auth mode and token path,
-        drops a stray RAY_AUTH_TOKEN (it would take precedence over the path) and keeps loopback off
-        any HTTP proxy. Meant for job-CLI subprocesses: a local `mimflow` run must not inherit an
-        http:// RAY_ADDRESS.
-        """
-        env = dict(os.environ if base is None else base)
-        env.pop("RAY_AUTH_TOKEN", None)
-        env["RAY_API_SERVER_ADDRESS"] = self.dashboard_url
-        env["RAY_ADDRESS"] = self.dashboard_url
-        env["RAY_AUTH_MODE"] = self.auth_mode
-        if self.token_path is not None:
-            env["RAY_AUTH_TOKEN_PATH"] = str(self.token_path)
-        else:
-            env.pop("RAY_AUTH_TOKEN_PATH", None)
-        no_proxy = [p for p in env.get("NO_PROXY", env.get("no_proxy", "")).split(",") if p]
-        for host in (LOOPBACK, "localhost"):
-            if host not in no_proxy:
-                no_proxy.append(host)
-        env["NO_PROXY"] = env["no_proxy"] = ",".join(no_proxy)
-        return env
-
-    def job_cli(self, *args: str, timeout: float | None = None, cwd: str | Path | None = None,
-                check: bool = False) -> subprocess.CompletedProcess:
-        """Run `ray job ARGS...` against this cluster (the same Ray as this interpreter), capture text."""
-        cmd = [sys.executable, "-m", "ray.scripts.scripts", "job", *args]
-        return subprocess.run(cmd, env=self.client_env(), cwd=cwd, timeout=timeout, check=check,
-                              capture_output=True, text=True)
-
-    def auth_headers(self) -> dict[str, str]:
-        if self.token_path is None:
-            return {}
-        return {"Authorization": "Bearer " + self.token_path.read_text().strip()}
-
-    # -- lifecycle ---------------------------------------------------------------------------------
-    def is_running(self) -> bool:
-        return bool(cluster_processes(self))
-
-    def stop(self, *, keep_temp: bool = False, timeout: float = 30.0) -> list[int]:
-        """Stop this cluster (a no-op if it was already stopped, e.g. from another process). Never
-        touches a newer cluster recorded in the same state dir."""
-        current = load_cluster(self.state_dir)
-        if current is not None and current.tag == self.tag:
-            pids = stop_cluster(self.state_dir, keep_temp=keep_temp, timeout=timeout)
-        else:  # our record is gone (stopped elsewhere, or replaced): stop whatever of ours is left
-            pids = _stop(self, timeout=timeout) if cluster_processes(self) else []
-            if self.temp_dir_owned and not keep_temp:
-                shutil.rmtree(self.temp_dir, ignore_errors=True)
-        child = _CHILDREN.pop(self.launcher_pid, None)  # stopped elsewhere: still reap our child
-        if child is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.wait(timeout=timeout)
-        return pids
-
-    def __enter__(self) -> "ClusterInfo":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    # -- persistence -------------------------------------------------------------------------------
-    def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        for k in ("state_dir", "temp_dir", "token_path", "log_path"):
-            d[k] = None if d[k] is None else str(d[k])
-        d["pids"] = {str(k): v for k, v in self.pids.items()}
-        d["worker_ports"] = list(self.worker_ports)
-        d["version"] = 1
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict) -> "ClusterInfo":
-        d = dict(d)
-        d.pop("version", None)
-        for k in ("state_dir", "temp_dir", "log_path"):
-            d[k] = Path(d[k])
-        d["token_path"] = None if d.get("token_path") is None else Path(d["token_path"])
-        d["pids"] = {int(k): int(v) for k, v in d["pids"].items()}
-        d["worker_ports"] = tuple(d["worker_ports"])
-        return cls(**d)
-
-    def summary(self) -> str:
-        auth = "token auth" if self.auth_mode == "token" else "auth DISABLED"
-        lines = [
-            f"mimflow local Ray cluster: {self.num_cpus} CPUs, {auth}, listening on {LOOPBACK} only",
-            f"  GCS address  {self.address}    (ray.init(address=...), mimflow --address)",
-            f"  dashboard    {self.dashboard_url}    (job API)",
-            f"  temp dir     {self.temp_dir}",
-            f"  state        {self.state_dir / STATE_FILE}",
-            f"  head pid     {self.launcher_pid} (+{max(len(self.pids) - 1, 0)} processes)",
-        ]
-        return "\n".join(lines)
-
-
-def _state_path(state_dir: Path) -> Path:
-    return Path(state_dir) / STATE_FILE
-
-
-def load_cluster(state_dir: str | Path | None = None) -> ClusterInfo | None:
-    """The cluster recorded in `state_dir`, running or not; None when there is no state file."""
-    path = _state_path(_resolve_state_dir(state_dir))
-    try:
-        return ClusterInfo.from_json(json.loads(path.read_text()))
-    except FileNotFoundError:
-        return None
-    except (ValueError, KeyError, TypeError) as e:
-        raise ClusterError(f"{path} is not a mimflow cluster state file ({e}); remove it by hand") from e
-
-
-def _write_state(info: ClusterInfo) -> None:
-    path = _state_path(info.state_dir)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(info.to_json(), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def _resolve_state_dir(state_dir: str | Path | None) -> Path:
-    return Path(state_dir).expanduser().absolute() if state_dir is not None else DEFAULT_STATE_DIR
-
-
-# --------------------------------------------------------------------------------------------------
-# Processes: /proc, same user only
-
-
-@dataclasses.dataclass
-class _Proc:
-    pid: int
-    ppid: int
-    sid: int
-    start: int
-    state: str
-    cmdline: str
-
-
-def _read_stat(pid: int) -> _Proc | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes().decode(errors="replace")
-    except OSError:
-        return None
-    fields = raw[raw.rfind(")") + 2:].split()
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        cmd = ""
-    return _Proc(pid=pid, ppid=int(fields[1]), sid=int(fields[3]), start=int(fields[19]),
-                 state=fields[0], cmdline=cmd.strip())
-
-
-def pid_alive(pid: int, start: int | None = None) -> bool:
-    """True when `pid` exists, is not a zombie and (if given) started at `start`."""
-    p = _read_stat(pid)
-    return p is not None and p.state not in ("Z", "X") and (start is None or p.start == start)
-
-
-def _own_lineage() -> set[int]:
-    """This process and its ancestors: never signalled, whatever they reference."""
-    out, pid = set(), os.getpid()
-    while pid > 1 and pid not in out:
-        out.add(pid)
-        p = _read_stat(pid)
-        pid = p.ppid if p else 0
-    return out
-
-
-def _references(pid: int, needles: list[bytes], temp_dir: str, use_cwd: bool) -> bool:
-    for part in ("environ", "cmdline"):
-        try:
-            data = Path(f"/proc/{pid}/{part}").read_bytes()
-        except OSError:
-            continue
-        if any(n in data for n in needles):
-            return True
-    if not use_cwd:
-        return False
-    try:
-        cwd = os.readlink(f"/proc/{pid}/cwd")
-    except OSError:
-        return False
-    return cwd == temp_dir or cwd.startswith(temp_dir + os.sep)
-
-
-def _scan(tag: str | None, temp_dir: str | None, sid: int | None, sid_start: int | None,
-          use_cwd: bool = False) -> dict[int, _Proc]:
-    """Live processes of one cluster: same session as its `ray start` (started no earlier), or carrying
-    its tag in their environment, or naming its temp dir (cmdline, environ; cwd too if use_cwd: off when
-    choosing what to kill, so a shell someone left in the logs dir is spared); plus descendants."""
-    uid, mine = os.getuid(), _own_lineage()
-    needles = [n.encode() for n in ([f"{TAG_ENV}={tag}"] if tag else []) + ([temp_dir] if temp_dir else [])]
-    procs: dict[int, _Proc] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
-        try:
-            if entry.stat().st_uid != uid:
-                continue
-        except OSError:
-            continue
-        p = _read_stat(pid)
-        if p is not None and p.state not in ("Z", "X") and pid not in mine:
-            procs[pid] = p
-    found: dict[int, _Proc] = {}
-    for pid, p in procs.items():
-        in_session = sid is not None and p.sid == sid and (sid_start is None or p.start >= sid_start)
-        if in_session or (needles and _references(pid, needles, temp_dir or "\0", use_cwd)):
-            found[pid] = p
-    grew = True
-    while grew:  # descendants (a job's subprocesses may scrub their env and leave the session)
-        grew = False
-        for pid, p in procs.items():
-            if pid not in found and p.ppid in found:
-                found[pid] = p
-                grew = True
-    return found
-
-
-def cluster_processes(info: ClusterInfo) -> dict[int, _Proc]:
-    """The cluster's live processes right now (pid -> process), including ones Ray spawned since start."""
-    return _scan(info.tag, str(info.temp_dir), info.launcher_pid, info.launcher_start)
-
-
-def processes_referencing(path: str | Path) -> list[int]:
-    """PIDs of live processes of this user whose cmdline, environment or cwd names `path`."""
-    return sorted(_scan(None, str(path), None, None, use_cwd=True))
-
-
-def _signal_all(procs: dict[int, _Proc], sig: int) -> None:
-    for pid, p in procs.items():
-        if pid_alive(pid, p.start):  # re-check identity right before signalling
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-
-
-def _reap(pid: int) -> None:
-    child = _CHILDREN.get(pid)
-    if child is not None and child.poll() is not None:
-        _CHILDREN.pop(pid, None)
-
-
-def _wait_gone(info: ClusterInfo, timeout: float) -> dict[int, _Proc]:
-    deadline = time.monotonic() + timeout
-    while True:
-        _reap(info.launcher_pid)
-        left = cluster_processes(info)
-        if not left or time.monotonic() >= deadline:
-            return left
-        time.sleep(0.25)
-
-
-# --------------------------------------------------------------------------------------------------
-# Ports
-
-
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(lo), int(hi)
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((LOOPBACK, port))
-        except OSError:
-            return False
-    return True
-
-
-def _pick_ports(rng: random.Random) -> tuple[dict[str, int], tuple[int, int]]:
-    """Free ports for one head, all outside the ephemeral range and Ray's defaults (6379, 8265,
-    10001, workers 10002-19999): 20000..ephemeral-low, or above the ephemeral range if that is tiny."""
-    eph_lo, eph_hi = _ephemeral_range()
-    pools = [(20000, eph_lo - 1)] if eph_lo - 20000 > 4 * WORKER_PORTS else []
-    if eph_hi < 65000:
-        pools.append((eph_hi + 1, 65535))
-    if not pools:
-        pools = [(20000, 65535)]
-    for _ in range(200):
-        lo, hi = rng.choice(pools)
-        if hi - lo < WORKER_PORTS + len(SINGLE_PORTS) + 10:
-            continue
-        base = rng.randrange(lo, hi - WORKER_PORTS)
-        block = range(base, base + WORKER_PORTS)
-        if not all(_port_free(p) for p in block):
-            continue
-        singles: dict[str, int] = {}
-        taken = set(block)
-        for name in SINGLE_PORTS:
-            for _ in range(200):
-                p = rng.randrange(lo, hi)
-                if p not in taken and _port_free(p):
-                    singles[name] = p
-                    taken.add(p)
-                    break
-        if len(singles) == len(SINGLE_PORTS):
-            return singles, (base, base + WORKER_PORTS - 1)
-    raise ClusterError("could not find free ports for a Ray head on 127.0.0.1")
-
-
-@contextlib.contextmanager
-def _flock(path: Path, timeout: float, what: str) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                if time.monotonic() >= deadline:
-                    raise ClusterBusyError(f"{what} is locked by another process ({path})") from None
-                time.sleep(0.2)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _ports_lock() -> Path:
-    return Path(tempfile.gettempdir()) / f"mimflow-ray-ports-{os.getuid()}.lock"
-
-
-# --------------------------------------------------------------------------------------------------
-# Start / stop / status
+# Start / status
 
 
 def _dashboard_ready(url: str, headers: dict[str, str]) -> bool:
@@ -478,37 +87,6 @@ def _dashboard_ready(url: str, headers: dict[str, str]) -> bool:
             return resp.status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False
-
-
-def listening_addresses(port: int) -> set[str] | None:
-    """Local addresses (kernel hex form) with a TCP LISTEN socket on `port`; None if /proc/net is unreadable."""
-    out: set[str] = set()
-    readable = False
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        readable = True
-        for line in lines:
-            fields = line.split()
-            addr, _, hexport = fields[1].rpartition(":")
-            if fields[3] == "0A" and int(hexport, 16) == port:
-                out.add(addr)
-    return out if readable else None
-
-
-LOOPBACK_HEX = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
-
-
-def _all_ports_listening(ports: dict[str, int]) -> bool:
-    for port in ports.values():
-        addrs = listening_addresses(port)
-        if addrs is None:
-            return True  # cannot tell: rely on the job API check alone
-        if not addrs:
-            return False
-    return True
 
 
 def _log_tail(path: Path, n: int = 25) -> str:
@@ -547,10 +125,10 @@ def start_cluster(
         raise ValueError(f"auth must be 'token' or 'disabled', not {auth!r}")
     if num_cpus < 1:
         raise ValueError("num_cpus must be >= 1")
-    state_dir = _resolve_state_dir(state_dir)
+    state_dir = resolve_state_dir(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
-    with _flock(state_dir / ".lock", 1.0, f"state dir {state_dir}"):
+    with flock(state_dir / ".lock", 1.0, f"state dir {state_dir}"):
         old = load_cluster(state_dir)
         if old is not None:
             live = cluster_processes(old)
@@ -560,7 +138,7 @@ def start_cluster(
                     f"{old.dashboard_url}, head pid {old.launcher_pid}, {len(live)} processes); stop it "
                     f"first: python -m infra.local_cluster stop --state-dir {shlex.quote(str(state_dir))}"
                 )
-            _cleanup_files(old, keep_temp=False)  # stale record: its processes are gone
+            cleanup_files(old, keep_temp=False)  # stale record: its processes are gone
 
         owned = temp_dir is None
         if owned:
@@ -605,8 +183,8 @@ def start_cluster(
         env.update(extra_env or {})
 
         log_path = state_dir / LOG_FILE
-        with _flock(_ports_lock(), timeout, "the local port allocator"):
-            ports, (wlo, whi) = _pick_ports(random.Random())
+        with flock(ports_lock(), timeout, "the local port allocator"):
+            ports, (wlo, whi) = pick_ports(random.Random())
             cmd = [
                 sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
                 "--node-ip-address", LOOPBACK,
@@ -619,7 +197,7 @@ def start_cluster(
                 "--disable-usage-stats",
                 "--log-style", "record",
             ]
-            for name, flag in _PORT_FLAGS.items():
+            for name, flag in PORT_FLAGS.items():
                 cmd += [flag, str(ports[name])]
             if num_gpus is not None:
                 cmd += ["--num-gpus", str(num_gpus)]
@@ -631,8 +209,8 @@ def start_cluster(
                 log.flush()
                 proc = subprocess.Popen(cmd, env=env, cwd=str(temp_dir), stdin=subprocess.DEVNULL,
                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            _CHILDREN[proc.pid] = proc
-            launcher = _read_stat(proc.pid)
+            CHILDREN[proc.pid] = proc
+            launcher = read_stat(proc.pid)
             info = ClusterInfo(
                 state_dir=state_dir, temp_dir=temp_dir, temp_dir_owned=owned,
                 address=f"{LOOPBACK}:{ports['gcs']}", dashboard_url=f"http://{LOOPBACK}:{ports['dashboard']}",
@@ -641,7 +219,7 @@ def start_cluster(
                 launcher_start=launcher.start if launcher else 0, pids={}, log_path=log_path,
                 created=time.time(),
             )
-            _write_state(info)  # written before waiting: a crash mid-start still leaves a stoppable record
+            write_state(info)  # written before waiting: a crash mid-start still leaves a stoppable record
 
             deadline = time.monotonic() + timeout
             headers = info.auth_headers()
@@ -652,95 +230,36 @@ def start_cluster(
                         break
                     # Up = the job API answers and every component listens (the dashboard agent and
                     # the runtime-env agent come up a little after the dashboard).
-                    if _dashboard_ready(info.dashboard_url, headers) and _all_ports_listening(ports):
+                    if _dashboard_ready(info.dashboard_url, headers) and all_ports_listening(ports):
                         ready = True
                         break
                     time.sleep(0.5)
             except BaseException:  # interrupted while waiting: leave nothing running behind
                 with contextlib.suppress(ClusterError):
-                    _stop(info, timeout=20.0)
-                _cleanup_files(info, keep_temp=False)
+                    stop_processes(info, timeout=20.0)
+                cleanup_files(info, keep_temp=False)
                 raise
         if not ready:
             why = (f"`ray start` exited with code {proc.returncode}" if proc.poll() is not None
                    else f"the job API at {info.dashboard_url} did not answer within {timeout:.0f}s")
             try:
-                _stop(info, timeout=20.0)
+                stop_processes(info, timeout=20.0)
             except ClusterError as e:
                 why += f" (and cleaning up failed: {e})"
-            _cleanup_files(info, keep_temp=True)
+            cleanup_files(info, keep_temp=True)
             raise ClusterError(f"Ray head failed to start: {why}. Last lines of {log_path}:\n"
                                f"{_log_tail(log_path)}\n(Ray's own logs: {temp_dir}/session_latest/logs)")
 
         info.pids = {pid: p.start for pid, p in cluster_processes(info).items()}
-        _write_state(info)
+        write_state(info)
         return info
-
-
-def _stop(info: ClusterInfo, timeout: float) -> list[int]:
-    seen = cluster_processes(info)
-    recorded = {pid: start for pid, start in info.pids.items() if pid_alive(pid, start)}
-    all_pids = set(seen) | set(recorded)
-    if pid_alive(info.launcher_pid, info.launcher_start):
-        # Orderly: `ray start --block` shuts its children down on SIGTERM (a few seconds).
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(info.launcher_pid, signal.SIGTERM)
-        left = _wait_gone(info, max(timeout * 0.6, 5.0))
-    else:
-        left = seen
-    for pid, start in recorded.items():  # anything recorded at start that the scan no longer matches
-        p = _read_stat(pid) if pid not in left and pid_alive(pid, start) else None
-        if p is not None:
-            left[pid] = p
-    if left:
-        _signal_all(left, signal.SIGTERM)
-        deadline = time.monotonic() + max(timeout * 0.2, 3.0)
-        while time.monotonic() < deadline and any(pid_alive(pid, p.start) for pid, p in left.items()):
-            time.sleep(0.2)
-        _signal_all(left, signal.SIGKILL)
-        _wait_gone(info, max(timeout * 0.2, 3.0))
-    child = _CHILDREN.pop(info.launcher_pid, None)
-    if child is not None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.wait(timeout=5)
-    survivors = dict(cluster_processes(info))
-    survivors.update({pid: _read_stat(pid) for pid, start in info.pids.items() if pid_alive(pid, start)})
-    if survivors:
-        desc = ", ".join(f"{pid} ({(p.cmdline if p else '')[:60]})" for pid, p in survivors.items())
-        raise ClusterError(f"could not stop cluster processes: {desc}")
-    return sorted(all_pids)
-
-
-def _cleanup_files(info: ClusterInfo, keep_temp: bool) -> None:
-    for path in (_state_path(info.state_dir), info.token_path):
-        if path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-    if info.temp_dir_owned and not keep_temp:
-        shutil.rmtree(info.temp_dir, ignore_errors=True)
-
-
-def stop_cluster(state_dir: str | Path | None = None, *, keep_temp: bool = False, timeout: float = 30.0) -> list[int]:
-    """Stop the cluster recorded in `state_dir`: exactly its processes, by PID. Returns the PIDs it had
-    (empty when there was no cluster). Removes the state file and token, and the temp dir if this
-    module created it (unless keep_temp: then Ray's logs stay in <temp_dir>/session_latest/logs)."""
-    state_dir = _resolve_state_dir(state_dir)
-    if not _state_path(state_dir).exists():
-        return []
-    with _flock(state_dir / ".lock", timeout, f"state dir {state_dir}"):
-        info = load_cluster(state_dir)
-        if info is None:
-            return []
-        pids = _stop(info, timeout=timeout)
-        _cleanup_files(info, keep_temp=keep_temp)
-        return pids
 
 
 def cluster_status(state_dir: str | Path | None = None) -> dict:
     """{'state': 'running'|'stopped'|'absent', ...}: 'stopped' means a stale state file (processes gone)."""
     info = load_cluster(state_dir)
     if info is None:
-        return {"state": "absent", "state_dir": str(_resolve_state_dir(state_dir))}
+        return {"state": "absent", "state_dir": str(resolve_state_dir(state_dir))}
     live = cluster_processes(info)
     out = info.to_json()
     out.update({
@@ -759,19 +278,6 @@ def local_cluster(num_cpus: int = 2, state_dir: str | Path | None = None, **kwar
         yield info
     finally:
         info.stop()
-
-
-def shell_env(info: ClusterInfo) -> str:
-    """`export` lines for a POSIX shell; RAY_API_SERVER_ADDRESS (not RAY_ADDRESS) so that a local
-    `mimflow` run in the same shell still starts its embedded Ray instead of dialling an http:// URL."""
-    env = {"RAY_API_SERVER_ADDRESS": info.dashboard_url, "RAY_AUTH_MODE": info.auth_mode}
-    if info.token_path is not None:
-        env["RAY_AUTH_TOKEN_PATH"] = str(info.token_path)
-    lines = [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
-    lines.append("unset RAY_AUTH_TOKEN")
-    if info.token_path is None:
-        lines.append("unset RAY_AUTH_TOKEN_PATH")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -820,14 +326,14 @@ def main(argv: list[str] | None = None) -> int:
             info = start_cluster(args.num_cpus, args.state_dir, args.temp_dir, num_gpus=args.num_gpus,
                                  auth="disabled" if args.no_auth else "token",
                                  object_store_memory=args.object_store_memory, timeout=args.timeout)
-            _CHILDREN.clear()  # the head outlives this command on purpose
+            CHILDREN.clear()  # the head outlives this command on purpose
             _print_started(info)
             return 0
         if args.cmd == "stop":
             info = load_cluster(args.state_dir)
             pids = stop_cluster(args.state_dir, keep_temp=args.keep_temp, timeout=args.timeout)
             if info is None:
-                print(f"no cluster recorded in {_resolve_state_dir(args.state_dir)}")
+                print(f"no cluster recorded in {resolve_state_dir(args.state_dir)}")
             else:
                 print(f"stopped the Ray cluster at {info.dashboard_url} ({len(pids)} processes: "
                       f"{' '.join(map(str, pids))})")
@@ -848,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "env":
             info = load_cluster(args.state_dir)
             if info is None or not info.is_running():
-                print(f"no running cluster recorded in {_resolve_state_dir(args.state_dir)}; "
+                print(f"no running cluster recorded in {resolve_state_dir(args.state_dir)}; "
                       f"start one: python -m infra.local_cluster start", file=sys.stderr)
                 return 1
             print(shell_env(info))

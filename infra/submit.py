@@ -242,7 +242,7 @@ def resolve_target(address: str | None = None, state_dir: str | Path | None = No
         val = env.get(var, "")
         if val.startswith(("http://", "https://")) and state_dir is None:
             return Target(val, env, f"${var}")
-    from infra.local_cluster import DEFAULT_STATE_DIR, load_cluster
+    from infra.cluster_state import DEFAULT_STATE_DIR, load_cluster
 
     info = load_cluster(state_dir)
     where = Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR

@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # infra/ is tooling, not part of the installed package
     sys.path.insert(0, str(REPO))
 
+from infra import cluster_ports, cluster_procs, cluster_state  # noqa: E402
 from infra import local_cluster as lc  # noqa: E402
 from infra import submit as sub  # noqa: E402
 
@@ -217,25 +218,25 @@ def test_submit_without_a_cluster_says_how_to_get_one(tmp_path):
 def test_ports_are_free_distinct_and_outside_the_ephemeral_range():
     import random
 
-    singles, (wlo, whi) = lc._pick_ports(random.Random(0))
-    assert set(singles) == set(lc.SINGLE_PORTS)
+    singles, (wlo, whi) = cluster_ports.pick_ports(random.Random(0))
+    assert set(singles) == set(cluster_ports.SINGLE_PORTS)
     ports = list(singles.values()) + list(range(wlo, whi + 1))
-    assert whi - wlo + 1 == lc.WORKER_PORTS and len(set(ports)) == len(ports)
-    eph_lo, eph_hi = lc._ephemeral_range()
+    assert whi - wlo + 1 == cluster_ports.WORKER_PORTS and len(set(ports)) == len(ports)
+    eph_lo, eph_hi = cluster_ports.ephemeral_range()
     assert not any(eph_lo <= p <= eph_hi for p in ports)
     assert all(p >= 20000 for p in ports)  # clear of Ray's defaults (6379, 8265, 10001, 10002-19999)
 
 
 def test_start_refuses_a_temp_dir_too_long_for_ray_sockets(tmp_path):
     long_dir = tmp_path / ("x" * 60)
-    with pytest.raises(lc.ClusterError, match="107 bytes"):
+    with pytest.raises(cluster_state.ClusterError, match="107 bytes"):
         lc.start_cluster(1, tmp_path / "state", long_dir)
-    assert lc.load_cluster(tmp_path / "state") is None
+    assert cluster_state.load_cluster(tmp_path / "state") is None
 
 
 def test_status_and_stop_without_a_cluster(tmp_path, capsys):
     assert lc.cluster_status(tmp_path)["state"] == "absent"
-    assert lc.stop_cluster(tmp_path) == []
+    assert cluster_procs.stop_cluster(tmp_path) == []
     assert lc.main(["status", "--state-dir", str(tmp_path)]) == 1
     assert "no cluster recorded" in capsys.readouterr().out
 
@@ -282,7 +283,7 @@ def test_local_cluster_script_start_submit_stop(tmp_path):
     try:
         r = script("start", "--num-cpus", "1", "--object-store-memory", SMALL_STORE)
         assert r.returncode == 0, r.stdout + r.stderr
-        info = lc.load_cluster(state)
+        info = cluster_state.load_cluster(state)
         assert info is not None and info.auth_mode == "token"
         assert f"RAY_ADDRESS={info.dashboard_url}" in r.stdout and info.address in r.stdout
         assert (info.token_path.stat().st_mode & 0o777) == 0o600
@@ -291,8 +292,8 @@ def test_local_cluster_script_start_submit_stop(tmp_path):
         assert r.returncode == 0 and "running" in r.stdout and info.dashboard_url in r.stdout, r.stdout
 
         for name, port in info.ports.items():  # everything Ray listens on is loopback-only
-            addrs = lc.listening_addresses(port)
-            assert addrs and addrs <= lc.LOOPBACK_HEX, (name, port, addrs)
+            addrs = cluster_ports.listening_addresses(port)
+            assert addrs and addrs <= cluster_ports.LOOPBACK_HEX, (name, port, addrs)
 
         jobs_api = info.dashboard_url + "/api/jobs/"
         assert _http_status(jobs_api, {}) == 401  # token auth is on ...
@@ -300,7 +301,7 @@ def test_local_cluster_script_start_submit_stop(tmp_path):
 
         r = script("start", "--num-cpus", "1")  # the state dir is busy: refused, nothing started
         assert r.returncode != 0 and "already holds a running Ray cluster" in r.stderr, r.stderr
-        assert lc.load_cluster(state).launcher_pid == info.launcher_pid
+        assert cluster_state.load_cluster(state).launcher_pid == info.launcher_pid
 
         r = script("env")
         assert r.returncode == 0 and "RAY_API_SERVER_ADDRESS" in r.stdout
@@ -324,14 +325,14 @@ def test_local_cluster_script_start_submit_stop(tmp_path):
         assert "python -m pretrain: error: unrecognized arguments: --frobnicate" in logs, logs
         assert "Traceback" not in logs
 
-        seen = {pid: p.start for pid, p in lc.cluster_processes(info).items()} | dict(info.pids)
+        seen = {pid: p.start for pid, p in cluster_procs.cluster_processes(info).items()} | dict(info.pids)
         assert info.launcher_pid in seen and len(seen) > 5
     finally:
         r = script("stop", timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    still = [pid for pid, start in seen.items() if lc.pid_alive(pid, start)]
+    still = [pid for pid, start in seen.items() if cluster_procs.pid_alive(pid, start)]
     assert still == [], f"processes left after stop: {still}"
-    assert lc.processes_referencing(info.temp_dir) == []
+    assert cluster_procs.processes_referencing(info.temp_dir) == []
     assert not info.temp_dir.exists() and not info.token_path.exists()
     r = script("status")
     assert r.returncode == 1 and "no cluster recorded" in r.stdout
@@ -344,12 +345,12 @@ def test_start_cluster_context_manager(tmp_path):
     state dir, stop on leaving the block with nothing left behind (no zombie either)."""
     state = tmp_path / "cluster"
     with lc.start_cluster(1, state, object_store_memory=int(SMALL_STORE)) as cluster:
-        assert cluster.is_running() and lc.load_cluster(state).tag == cluster.tag
+        assert cluster.is_running() and cluster_state.load_cluster(state).tag == cluster.tag
         assert cluster.client_env({})["RAY_AUTH_TOKEN_PATH"] == str(cluster.token_path)
-        with pytest.raises(lc.ClusterBusyError, match="already holds a running Ray cluster"):
+        with pytest.raises(cluster_state.ClusterBusyError, match="already holds a running Ray cluster"):
             lc.start_cluster(1, state)
-        pids = {pid: p.start for pid, p in lc.cluster_processes(cluster).items()}
-    assert not any(lc.pid_alive(pid, start) for pid, start in pids.items())
+        pids = {pid: p.start for pid, p in cluster_procs.cluster_processes(cluster).items()}
+    assert not any(cluster_procs.pid_alive(pid, start) for pid, start in pids.items())
     assert not Path(f"/proc/{cluster.launcher_pid}").exists()  # reaped, not a zombie
-    assert lc.processes_referencing(cluster.temp_dir) == []
-    assert lc.load_cluster(state) is None
+    assert cluster_procs.processes_referencing(cluster.temp_dir) == []
+    assert cluster_state.load_cluster(state) is None
