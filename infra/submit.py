@@ -19,7 +19,8 @@ have mimflow's dependencies (the local cluster uses this venv; real clusters use
 docs/DEPLOY.md); with --no-working-dir nothing is uploaded and the image's installed mimflow runs.
 
 Prints the job id, then follows the job's logs until it ends (exit code 0 = job succeeded); --no-wait
-returns right after submission.
+returns right after submission. The upload rules are in ``infra.submit_upload``, the path checks in
+``infra.submit_paths``.
 """
 
 from __future__ import annotations
@@ -33,9 +34,12 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+
+from infra.submit_paths import relative_path_warnings
+from infra.submit_upload import DEFAULT_EXCLUDES, UPLOAD_LIMIT_MIB, estimate_upload
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,179 +51,9 @@ STAGES: dict[str, list[str]] = {
     "refresh": ["python", "-m", "pipeline", "tokens", "refresh"],
 }
 
-# gitignore syntax, relative to the working dir (Ray also honours .gitignore and .rayignore files).
-DEFAULT_EXCLUDES: list[str] = [
-    # version control, environments, caches
-    ".git", ".hg", ".venv", "venv", ".tox", ".nox", "**/__pycache__", "*.pyc", "*.egg-info",
-    ".pytest_cache", ".mypy_cache", ".ruff_cache", ".ipynb_checkpoints", "/build", "/dist",
-    "/.whl", "/.gl",
-    # data and outputs: these live on shared storage, never in the upload
-    "/data", "/datasets", "/runs", "/demo-out", "/bench/results", "/tokens", "/checkpoints",
-    "/outputs", "/wandb", "/mlruns", "/lightning_logs",
-    # secrets: never uploaded (they would sit in the GCS and on every worker's disk)
-    ".env", ".env.*", ".envrc", "*.pem", "*.key", "auth_token", "*.token", ".netrc", ".aws",
-    ".ssh", ".ray", ".mimflow", "*kubeconfig*",
-]
-UPLOAD_LIMIT_MIB = 100  # Ray refuses working_dir packages at this size
-
-# Flags and config keys whose values are data locations the job reads or writes.
-PATH_FLAGS = {
-    "--source", "--out", "--output", "--tokens", "--tokenizer", "--encoder", "--checkpoint",
-    "--storage-path", "--data", "--resume", "--run-dir", "--cache", "--images", "--train", "--test",
-    "--compare",
-}
-PATH_KEYS = {
-    "source", "out", "output", "tokens", "tokenizer", "encoder", "checkpoint", "storage_path",
-    "data", "root", "dir", "path", "cache", "images", "resume",
-}
-_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_BUILTIN_SOURCES = ("shapes",)
-
 
 class SubmitError(RuntimeError):
     """A submission that cannot go ahead; the message says why and what to do."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Argument checks
-
-
-def _is_path_key(key: str) -> bool:
-    last = key.rsplit(".", 1)[-1].lower().replace("-", "_")
-    return last in PATH_KEYS or last.endswith(("_dir", "_path", "_root", "_uri", "_file"))
-
-
-def is_local_relative(value: str) -> bool:
-    """True for a value the job would resolve against its private copy of the working dir."""
-    v = value.strip()
-    if not v or _URI.match(v) or v.startswith(_BUILTIN_SOURCES):
-        return False
-    if v.startswith("idx:"):
-        v = v[4:]
-    v = v.split("?", 1)[0]
-    if not v:
-        return False
-    return not v.startswith("/")  # relative, or ~ (the cluster's home is not yours)
-
-
-def relative_path_warnings(args: Sequence[str], cwd: Path | None = None) -> list[str]:
-    """Warnings for data-location arguments that are relative local paths (the caller must make them
-    absolute or URIs; this never rewrites them). Looks at --source/--out/... flags, --set key=value with
-    a path-like key, and path-like keys inside a local --config YAML."""
-    out: list[str] = []
-
-    def check(what: str, value: str) -> None:
-        if is_local_relative(value):
-            shown = f"{what}{value!r}" if what.endswith("=") else f"{what} {value!r}"
-            out.append(
-                f"{shown} is a relative path: the job runs from an uploaded copy of the working "
-                f"dir on the cluster, so it would read/write inside that copy (lost when the job ends, "
-                f"and not seen by other nodes). Pass an absolute path on shared storage or a URI (s3://...)."
-            )
-
-    args = list(args)
-    i = 0
-    while i < len(args):
-        a = args[i]
-        flag, eq, val = a.partition("=")
-        if flag in PATH_FLAGS:
-            if eq:
-                check(flag, val)
-            elif i + 1 < len(args):
-                check(flag, args[i + 1])
-                i += 1
-        elif flag == "--set":
-            kv = val if eq else (args[i + 1] if i + 1 < len(args) else "")
-            if not eq:
-                i += 1
-            key, _, value = kv.partition("=")
-            if _is_path_key(key):
-                check(f"--set {key}=", value)
-        elif flag == "--config":
-            cfg = val if eq else (args[i + 1] if i + 1 < len(args) else "")
-            if not eq:
-                i += 1
-            for key, value in _config_paths(cfg, cwd):
-                check(f"{cfg}: {key}=", value)
-        i += 1
-    return out
-
-
-def _config_paths(cfg: str, cwd: Path | None) -> list[tuple[str, str]]:
-    if not cfg.endswith((".yaml", ".yml")):
-        return []
-    path = Path(cfg) if Path(cfg).is_absolute() else (cwd or Path.cwd()) / cfg
-    try:
-        import yaml
-
-        data = yaml.safe_load(path.read_text())
-    except Exception:  # unreadable or not ours to judge: the stage reports config errors itself
-        return []
-    found: list[tuple[str, str]] = []
-
-    def walk(node, prefix: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{prefix}.{k}" if prefix else str(k))
-        elif isinstance(node, str) and _is_path_key(prefix):
-            found.append((prefix, node))
-
-    walk(data, "")
-    return found
-
-
-# --------------------------------------------------------------------------------------------------
-# Upload size (same rules as Ray: excludes + .gitignore/.rayignore at every level)
-
-
-@dataclass
-class UploadEstimate:
-    files: int = 0
-    bytes: int = 0
-    largest: list[tuple[int, str]] = field(default_factory=list)  # (bytes, relative path), top 5
-
-    @property
-    def mib(self) -> float:
-        return self.bytes / 2**20
-
-
-def estimate_upload(working_dir: Path, excludes: Sequence[str]) -> UploadEstimate | None:
-    """What `ray job submit --working-dir` would upload; None if Ray's matcher is unavailable."""
-    try:
-        from ray._private.thirdparty.pathspec import PathSpec
-    except ImportError:  # pragma: no cover - Ray moved it; Ray itself still enforces the limit
-        return None
-    root = working_dir.resolve()
-    include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
-    base = PathSpec.from_lines("gitwildmatch", list(excludes))
-    est = UploadEstimate()
-    sizes: list[tuple[int, str]] = []
-
-    def walk(d: Path, specs: list[tuple[Path, object]]) -> None:
-        specs = list(specs)
-        for name in ((".gitignore",) if include_gitignore else ()) + (".rayignore",):
-            f = d / name
-            if f.is_file():
-                specs.append((d, PathSpec.from_lines("gitwildmatch", f.read_text(errors="replace").splitlines())))
-        try:
-            entries = sorted(os.scandir(d), key=lambda e: e.name)
-        except OSError:
-            return
-        for e in entries:
-            p = Path(e.path)
-            if any(spec.match_file(str(p.relative_to(sd))) for sd, spec in specs):
-                continue
-            if e.is_dir(follow_symlinks=False):
-                walk(p, specs)
-            elif e.is_file(follow_symlinks=False):
-                size = e.stat(follow_symlinks=False).st_size
-                est.files += 1
-                est.bytes += size
-                sizes.append((size, str(p.relative_to(root))))
-
-    walk(root, [(root, base)])
-    est.largest = sorted(sizes, reverse=True)[:5]
-    return est
 
 
 # --------------------------------------------------------------------------------------------------

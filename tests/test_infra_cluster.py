@@ -23,6 +23,7 @@ if str(REPO) not in sys.path:  # infra/ is tooling, not part of the installed pa
 from infra import cluster_ports, cluster_procs, cluster_state  # noqa: E402
 from infra import local_cluster as lc  # noqa: E402
 from infra import submit as sub  # noqa: E402
+from infra import submit_paths, submit_upload  # noqa: E402
 
 RAY_CLI = [sys.executable, "-m", "ray.scripts.scripts"]
 SMALL_STORE = str(100 * 2**20)  # object store bytes for test heads (Ray's minimum is ~75 MiB)
@@ -164,7 +165,7 @@ def test_submit_command_per_stage(tmp_path):
 def test_relative_data_paths_are_warned_about(tmp_path):
     cfg = tmp_path / "mine.yaml"
     cfg.write_text("tokens:\n  out: rel/tokens\nsource: /abs/images\nepochs: 3\n")
-    warns = sub.relative_path_warnings(
+    warns = submit_paths.relative_path_warnings(
         ["--source", "images", "--out=/abs/out", "--tokens", "s3://b/t", "--set", "data.tokens=runs/tok",
          "--set", "data.tokenizer=/abs/tok", "--set", "optim.lr=1e-3", "--set", "source=shapes?n=10",
          "--train", "idx:data/mnist?split=train", "--test", "idx:/data/mnist?split=test",
@@ -187,7 +188,7 @@ def test_upload_estimate_follows_excludes_and_gitignore(tmp_path):
         p = wd / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"*.log\n" if rel == ".gitignore" else b"x" * size)
-    est = sub.estimate_upload(wd, sub.DEFAULT_EXCLUDES)
+    est = submit_upload.estimate_upload(wd, submit_upload.DEFAULT_EXCLUDES)
     assert est is not None
     assert sorted(p for _, p in est.largest) == [".gitignore", "pkg/a.py", "pkg/data/keep.txt"]
     assert est.files == 3 and est.bytes == 23
@@ -197,8 +198,8 @@ def test_upload_estimate_follows_excludes_and_gitignore(tmp_path):
     res = sub.submit("eval", ["--config", "demo"], address="http://127.0.0.1:9", working_dir=wd, dry_run=True)
     assert res.command[-4:] == ["-m", "eval", "--config", "demo"]
 
-    repo = sub.estimate_upload(REPO, sub.DEFAULT_EXCLUDES)  # the real upload stays far below 100 MiB
-    assert repo.mib < sub.UPLOAD_LIMIT_MIB / 4, repo.largest
+    repo = submit_upload.estimate_upload(REPO, submit_upload.DEFAULT_EXCLUDES)  # the real upload stays far below 100 MiB
+    assert repo.mib < submit_upload.UPLOAD_LIMIT_MIB / 4, repo.largest
     assert not any(p.startswith((".git/", ".venv/")) for _, p in repo.largest)
 
 
