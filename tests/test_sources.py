@@ -11,7 +11,8 @@ from PIL import Image
 
 from pipeline.images import BadImageError, decode_rgb
 from pipeline.shapes import CLASSES, render_shape
-from pipeline.sources import BadInput, SourceError, expand_braces, open_source, read_all
+from pipeline.source_tar import expand_braces
+from pipeline.sources import BadInput, SourceError, open_source, read_all
 
 
 def _jpeg(seed: int, size: int = 24) -> bytes:

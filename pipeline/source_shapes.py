@@ -1,0 +1,37 @@
+"""The built-in synthetic ``shapes`` dataset as a source (the generator is ``pipeline.shapes``)."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from pipeline.images import encode_png
+from pipeline.sources import Item, Sample, Source
+
+
+class ShapesSource(Source):
+    """The built-in synthetic dataset; see ``pipeline.shapes``."""
+
+    kind = "shapes"
+
+    def __init__(self, spec: str, params: dict[str, str], partition_size: int | None):
+        from pipeline.shapes import CLASSES
+
+        super().__init__(spec, params, partition_size)
+        self.n = int(self.params.pop("n", 2000))
+        self.size = int(self.params.pop("size", 64))
+        self.seed = int(self.params.pop("seed", 0))
+        self.split = self.params.pop("split", "train")
+        self.classes = list(CLASSES)
+        self._listing = list(range(self.n))
+
+    def _fingerprint_lines(self) -> Iterator[str]:
+        from pipeline.shapes import GENERATOR_VERSION
+
+        yield f"shapes\tv{GENERATOR_VERSION}\t{self.n}\t{self.size}\t{self.seed}\t{self.split}"
+
+    def _load(self, ref) -> Item:
+        from pipeline.shapes import render_shape
+
+        pixels, label = render_shape(ref, size=self.size, seed=self.seed, split=self.split)
+        key = f"{self.split}-{ref:06d}"
+        return Sample(key, encode_png(pixels), "png", label, f"shapes[{self.split}:{ref}]")
