@@ -212,7 +212,7 @@ def test_config_mismatches_are_named(saved_vqkd):
 def test_hog_teacher_sees_orientation():
     from tokenizer.teachers import HOGTeacher
 
-    hog = HOGTeacher(grid=4, input_size=32, bins=9, cell=4)
+    hog = HOGTeacher(grid=4, input_size=32, bins=9, cell=4, gray=False)
     assert hog.dim == 3 * 9 * 4
     x = torch.zeros(2, 3, 32, 32)
     x[0, :, :, 16:] = 1.0  # a vertical edge
@@ -226,6 +226,27 @@ def test_hog_teacher_sees_orientation():
     assert float(vertical_bins.max()) > 0.9 * float(vertical_bins.sum())  # one orientation dominates
     assert float(f[0, 0].norm()) == 0.0  # a flat patch has no gradient
     assert f[0].norm(dim=-1).max() <= 2.0 + 1e-5  # each of the 4 cells is l2-normalised
+
+
+def test_hog_teacher_gray_ignores_colour_and_floor_keeps_flat_cells_quiet():
+    from tokenizer.teachers import HOGTeacher
+
+    hog = HOGTeacher(grid=4, input_size=32, bins=9, cell=4)  # defaults: luminance, floor 0.1
+    assert hog.dim == 9 * 4
+    red_on_black = torch.zeros(1, 3, 32, 32)
+    red_on_black[0, 0, :, 16:] = 1.0
+    green_on_black = torch.zeros(1, 3, 32, 32)
+    green_on_black[0, 1, :, 16:] = 1.0
+    a, b = hog(red_on_black), hog(green_on_black)
+    cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
+    assert float(cos) > 0.99  # the same edge in another colour: the same histograms
+    noise = 0.5 + 0.01 * torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    flat = hog(noise).view(16, 4, 9).norm(dim=-1)  # per-cell norms
+    edge = hog(red_on_black).view(16, 4, 9).norm(dim=-1)
+    assert float(flat.max()) < 0.5  # pixel noise is not normalised up to a full histogram
+    assert float(edge.max()) > 0.99  # a real edge still is
+    no_floor = HOGTeacher(grid=4, input_size=32, bins=9, cell=4, floor=0.0)
+    assert float(no_floor(noise).view(16, 4, 9).norm(dim=-1).min()) > 0.99
 
 
 def test_timm_teacher_from_local_safetensors(tmp_path):

@@ -2,9 +2,10 @@
 
 * ``hog`` (default): histograms of oriented gradients per patch, as MaskFeat uses — no weights,
   works offline. Each patch is split into ``cell``×``cell`` pixel cells; each cell gets a
-  ``bins``-bin histogram of unsigned gradient orientation per RGB channel (Sobel gradients, each
-  magnitude split linearly between the two nearest bins), l2-normalised per cell; a patch's
-  feature is its cells' histograms concatenated.
+  ``bins``-bin histogram of unsigned gradient orientation (Sobel gradients, each magnitude split
+  linearly between the two nearest bins) of the luminance, or of each RGB channel with
+  ``gray=False``; each cell's histogram is divided by its l2 norm, but by no less than ``floor``;
+  a patch's feature is its cells' histograms concatenated.
 * ``timm:<model_name>``: any timm model with a local safetensors weights file (CLIP, DINO, ...);
   its patch features (prefix tokens dropped, pooled to the token grid) are the target.
 
@@ -25,7 +26,13 @@ from pipeline.config import ConfigError
 
 
 class HOGTeacher(nn.Module):
-    def __init__(self, grid: int, input_size: int, bins: int = 9, cell: int | None = None):
+    """``gray``: histograms of luminance gradients, so a token describes form, not colour (RGB
+    histograms also encode which channels an edge separates). ``floor``: without it, a flat cell's
+    pixel noise is normalised up to a full-strength random histogram, an unpredictable target; with
+    it, flat cells stay near zero (images in [0, 1]; a step edge of contrast 0.3 is well above it)."""
+
+    def __init__(self, grid: int, input_size: int, bins: int = 9, cell: int | None = None, gray: bool = True,
+                 floor: float = 0.1):
         super().__init__()
         patch = input_size // grid
         cell = cell or max(1, patch // 2)
@@ -33,11 +40,16 @@ class HOGTeacher(nn.Module):
             raise ConfigError(f"hog_cell ({cell}) must divide the patch size ({patch} = input_size / grid)")
         self.grid, self.patch, self.cell, self.bins = grid, patch, cell, bins
         self.cells_per_side = patch // cell
-        self.dim = 3 * bins * self.cells_per_side**2
+        self.gray, self.floor = gray, floor
+        self.channels = 1 if gray else 3
+        self.dim = self.channels * bins * self.cells_per_side**2
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = F.pad(images.float(), (1, 1, 1, 1), mode="reflect")
+        x = images.float()
+        if self.gray:
+            x = (x * x.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        x = F.pad(x, (1, 1, 1, 1), mode="reflect")
         # Sobel filters as shifted differences (a depthwise conv is slow on CPU).
         dx = x[..., :, :-2] - x[..., :, 2:]  # [1, 0, -1] along x
         gx = dx[..., :-2, :] + 2 * dx[..., 1:-1, :] + dx[..., 2:, :]
@@ -62,8 +74,8 @@ class HOGTeacher(nn.Module):
         for which, weight in ((lower, 1.0 - upper_weight), (upper, upper_weight)):
             target = which * (cells_y * cells_x) + cell_index  # [B, 3, H, W] in [0, bins * cells)
             hist.scatter_add_(1, target.reshape(b * c, -1), (magnitude * weight).reshape(b * c, -1))
-        hist = hist.view(b, c * self.bins, cells_y, cells_x) / (self.cell * self.cell)  # [B, 3*bins, H/c, W/c]
-        hist = F.normalize(hist, dim=1, eps=1e-6)
+        hist = hist.view(b, c * self.bins, cells_y, cells_x) / (self.cell * self.cell)  # [B, c*bins, H/c, W/c]
+        hist = hist / hist.norm(dim=1, keepdim=True).clamp_min(max(self.floor, 1e-6))
         g, r = self.grid, self.cells_per_side
         hist = hist.view(b, c * self.bins, g, r, g, r).permute(0, 2, 4, 3, 5, 1)  # B, gy, gx, ry, rx, ch
         return hist.reshape(b, g * g, self.dim)
@@ -153,10 +165,14 @@ def build_teacher(
     kwargs: dict[str, Any] | None = None,
     hog_bins: int = 9,
     hog_cell: int | None = None,
+    hog_gray: bool = True,
+    hog_floor: float = 0.1,
 ) -> nn.Module:
     spec = (spec or "hog").strip()
     if spec == "hog":
-        return HOGTeacher(grid, input_size, bins=hog_bins, cell=hog_cell)
+        if hog_floor < 0:
+            raise ConfigError(f"hog_floor must be >= 0, got {hog_floor}")
+        return HOGTeacher(grid, input_size, bins=hog_bins, cell=hog_cell, gray=hog_gray, floor=hog_floor)
     if spec.startswith("timm:") and len(spec) > 5:
         return TimmTeacher(spec[5:], weights, grid, kwargs)
     raise ConfigError(f"teacher must be 'hog' or 'timm:<model_name>', got {spec!r}")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pipeline.config import ConfigError, to_dict
-from tokenizer.train_config import Plan, TokenizerTrainConfig, make_plan, training_fingerprint
+from tokenizer.train_config import Plan, TokenizerTrainConfig, make_plan, teacher_for, training_fingerprint
 from tokenizer.train_loop import train_loop_per_worker
 
 
@@ -78,10 +78,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, address: str | None = None, log: 
         return Path(out) if not storage.is_uri(out) else out  # type: ignore[return-value]
 
     if cfg.model.kind == "vqkd":  # fail early, in the driver, on a bad teacher spec or weights file
-        from tokenizer.teachers import build_teacher
-
-        build_teacher(cfg.teacher, grid=cfg.model.grid, input_size=cfg.model.input_size, weights=cfg.teacher_weights,
-                      kwargs=cfg.teacher_kwargs, hog_bins=cfg.hog_bins, hog_cell=cfg.hog_cell)
+        teacher_for(cfg)
     plan = make_plan(cfg, source)
     storage_path = _local_or_uri(cfg.storage_path) if cfg.storage_path else storage.join(_parent(out), "ray")
     run_name = cfg.run_name or f"tokenizer-{cfg.model.kind}-{fingerprint}"

@@ -32,6 +32,8 @@ class TokenizerTrainConfig:
     teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
     hog_bins: int = 9
     hog_cell: int | None = None  # default: half the patch size
+    hog_gray: bool = True  # histograms of luminance gradients (False: per RGB channel, 3x the dim)
+    hog_floor: float = 0.1  # cells are divided by max(l2 norm, floor): flat cells stay near zero
     standardize_targets: bool = True  # per-dimension standardisation of teacher features per batch
     # optimisation
     epochs: int = 10
@@ -52,6 +54,10 @@ class TokenizerTrainConfig:
     heldout_size: int = 256
     # VQ-KD codebook
     ema_decay: float = 0.99
+    # Epochs before the codebook exists: the decoder reads the encoder's continuous outputs, then the
+    # codebook is k-means-initialised on what the encoder has learnt. Quantising a random encoder
+    # from step 0 left the demo's tokens near-useless (codes of colour, not of form).
+    codebook_warmup_epochs: float = 0.0
     commitment_weight: float = 1.0
     kmeans_iters: int = 10
     restart_every: int = 20  # steps between dead-code restarts (0 = never)
@@ -83,6 +89,8 @@ class TokenizerTrainConfig:
             (self.heldout_size >= 1, f"heldout_size must be >= 1, got {self.heldout_size}"),
             (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
             (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
+            (0 <= self.codebook_warmup_epochs < self.epochs,
+             f"codebook_warmup_epochs must be in [0, epochs={self.epochs}), got {self.codebook_warmup_epochs}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -90,6 +98,17 @@ class TokenizerTrainConfig:
 
 
 # --- planning (driver side) ---------------------------------------------------------------------
+def teacher_for(cfg: TokenizerTrainConfig):
+    """The VQ-KD teacher this config names (raises ConfigError on a bad spec or weights file)."""
+    from tokenizer.teachers import build_teacher
+
+    return build_teacher(
+        cfg.teacher, grid=cfg.model.grid, input_size=cfg.model.input_size, weights=cfg.teacher_weights,
+        kwargs=cfg.teacher_kwargs, hog_bins=cfg.hog_bins, hog_cell=cfg.hog_cell, hog_gray=cfg.hog_gray,
+        hog_floor=cfg.hog_floor,
+    )
+
+
 def training_fingerprint(cfg: TokenizerTrainConfig, source_fingerprint: str) -> str:
     d = to_dict(cfg)
     for name in _EXECUTION_FIELDS:

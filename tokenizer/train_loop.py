@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from tokenizer.train_config import Plan, TokenizerTrainConfig
+from tokenizer.train_config import Plan, TokenizerTrainConfig, teacher_for
 from tokenizer.train_data import ShardImages, collate_good, evaluate_heldout, reconstruction_grid
 
 
@@ -60,28 +60,24 @@ class _Trainee:
         self.tokenizer = build_tokenizer(cfg.model)
         self.teacher = None
         if cfg.model.kind == "vqkd":
-            from tokenizer.teachers import build_teacher
             from tokenizer.vqkd import VQKDTrainModule
 
             q = self.tokenizer.quantizer
             q.decay, q.kmeans_iters, q.restart_every, q.seed = cfg.ema_decay, cfg.kmeans_iters, cfg.restart_every, cfg.seed
-            self.teacher = build_teacher(
-                cfg.teacher, grid=cfg.model.grid, input_size=cfg.model.input_size, weights=cfg.teacher_weights,
-                kwargs=cfg.teacher_kwargs, hog_bins=cfg.hog_bins, hog_cell=cfg.hog_cell,
-            ).to(device)
+            self.teacher = teacher_for(cfg).to(device)
             self.module = VQKDTrainModule(self.tokenizer, self.teacher.dim)
         else:
             self.module = self.tokenizer
         self.module.to(device)
 
-    def forward(self, model: torch.nn.Module, x: torch.Tensor, step: int, total: int):
+    def forward(self, model: torch.nn.Module, x: torch.Tensor, step: int, total: int, quantize: bool = True):
         if self.teacher is not None:
             targets = self.teacher(x)
             if self.cfg.standardize_targets:
                 from tokenizer.teachers import standardize
 
                 targets = standardize(targets)
-            return model(x, targets, self.cfg.commitment_weight)
+            return model(x, targets, self.cfg.commitment_weight, quantize)
         tau = temperature_at(step, total, self.cfg)
         return model(x, temperature=tau, kl_weight=self.cfg.kl_weight, hard=self.cfg.gumbel_hard)
 
@@ -195,6 +191,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     steps = per_rank // bs
     total = steps * cfg.epochs
     warmup = int(round(cfg.warmup_epochs * steps))
+    codebook_from = int(round(cfg.codebook_warmup_epochs * steps)) if trainee.teacher is not None else 0
     data = ShardImages(cfg.source, shard, cfg.model.input_size, augment=cfg.augment,
                        crop_scale=cfg.crop_scale, seed=cfg.seed, cache=cfg.cache_images)
     if start_epoch == 0:
@@ -230,7 +227,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 group["lr"] = lr
             x = batch.to(device, non_blocking=True).float().div_(255.0)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss, idx, parts = trainee.forward(model, x, step, total)
+                loss, idx, parts = trainee.forward(model, x, step, total, quantize=step >= codebook_from)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -239,7 +236,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             n = x.shape[0]
             if step == 0:
                 sums[4] = float(loss.detach()) / world  # the untrained model's loss, for reference
-            counts += torch.bincount(idx.reshape(-1), minlength=k).to(counts)
+            if idx is not None:  # None while the codebook warms up
+                counts += torch.bincount(idx.reshape(-1), minlength=k).to(counts)
             aux = parts.get("commit", parts.get("kl", torch.zeros(())))
             sums[:4] += torch.tensor([float(loss.detach()) * n, float(parts["rec"]) * n, float(aux) * n, n], dtype=torch.float64, device=device)
         _all_reduce(counts)
@@ -265,8 +263,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         history.append(metrics)
         log(
             f"epoch {epoch + 1}/{cfg.epochs}: loss {metrics['loss']:.4f} (rec {metrics['rec']:.4f}), "
-            f"codes used {metrics['codes_used']}/{k}, perplexity {metrics['perplexity']:.1f}, "
-            f"lr {lr:.2e}, {metrics['seconds']:.1f} s (cpu {metrics['cpu_seconds']:.1f} s)"
+            + (f"codes used {metrics['codes_used']}/{k}, perplexity {metrics['perplexity']:.1f}, "
+               if (epoch + 1) * steps > codebook_from else "codebook warm-up (not quantising yet), ")
+            + f"lr {lr:.2e}, {metrics['seconds']:.1f} s (cpu {metrics['cpu_seconds']:.1f} s)"
             + (f", {metrics['bad_inputs']} bad inputs skipped" if metrics["bad_inputs"] else "")
             + (f", restarted {metrics['restarted_codes']} dead codes" if metrics.get("restarted_codes") else "")
             + (f", temperature {metrics['temperature']:.3f}" if "temperature" in metrics else "")

@@ -115,7 +115,11 @@ class VQKDTrainModule(nn.Module):
         self.tokenizer = tokenizer
         self.decoder = VQKDDecoder(tokenizer.config, target_dim)
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor, commitment_weight: float = 1.0):
+    def forward(self, images: torch.Tensor, targets: torch.Tensor, commitment_weight: float = 1.0,
+                quantize: bool = True):
+        if not quantize:  # codebook warm-up: the decoder reads continuous outputs; no code is chosen
+            rec = cosine_loss(self.decoder(self.tokenizer.features(images)), targets)
+            return rec, None, {"rec": rec.detach(), "commit": torch.zeros((), device=rec.device)}
         z_q, idx, commitment = self.tokenizer.quantize(images)
         pred = self.decoder(z_q)
         rec = cosine_loss(pred, targets)
