@@ -71,10 +71,10 @@ def test_vqkd_ddp_two_workers(ray_local, tmp_path, capsys):
     check = meta["codebook_check"]
     assert check["ranks"] == 2 and check["identical"] and check["max_abs_diff"] == 0.0
     assert len(set(check["sha256"])) == 1
-    # the recipe's codebook warm-up (4 epochs): no codes are chosen until the codebook is initialised
-    assert cfg.codebook_warmup_epochs == 4
-    assert [h["codes_used"] for h in history[:4]] == [0, 0, 0, 0]
-    assert all(h["codes_used"] > 0 for h in history[4:])
+    # the recipe's codebook warm-up (half of the 12 epochs): no codes are chosen before the codebook exists
+    assert cfg.codebook_warmup == 0.5
+    assert [h["codes_used"] for h in history[:6]] == [0] * 6
+    assert all(h["codes_used"] > 0 for h in history[6:])
     # per-epoch usage is over the whole epoch: most of the small codebook is used
     assert history[-1]["codes_used"] >= 24 and history[-1]["perplexity"] > 10
     held = meta["heldout"]

@@ -54,10 +54,10 @@ class TokenizerTrainConfig:
     heldout_size: int = 256
     # VQ-KD codebook
     ema_decay: float = 0.99
-    # Epochs before the codebook exists: the decoder reads the encoder's continuous outputs, then the
-    # codebook is k-means-initialised on what the encoder has learnt. Quantising a random encoder
-    # from step 0 left the demo's tokens near-useless (codes of colour, not of form).
-    codebook_warmup_epochs: float = 0.0
+    # Share of training before the codebook exists: the decoder reads the encoder's continuous outputs,
+    # then the codebook is k-means-initialised on what the encoder has learnt. Quantising a random
+    # encoder from step 0 left the demo's tokens near-useless (codes of colour, not of form).
+    codebook_warmup: float = 0.0
     commitment_weight: float = 1.0
     kmeans_iters: int = 10
     restart_every: int = 20  # steps between dead-code restarts (0 = never)
@@ -89,8 +89,7 @@ class TokenizerTrainConfig:
             (self.heldout_size >= 1, f"heldout_size must be >= 1, got {self.heldout_size}"),
             (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
             (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
-            (0 <= self.codebook_warmup_epochs < self.epochs,
-             f"codebook_warmup_epochs must be in [0, epochs={self.epochs}), got {self.codebook_warmup_epochs}"),
+            (0 <= self.codebook_warmup < 1, f"codebook_warmup must be in [0, 1), got {self.codebook_warmup}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -191,7 +191,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     steps = per_rank // bs
     total = steps * cfg.epochs
     warmup = int(round(cfg.warmup_epochs * steps))
-    codebook_from = int(round(cfg.codebook_warmup_epochs * steps)) if trainee.teacher is not None else 0
+    codebook_from = int(round(cfg.codebook_warmup * total)) if trainee.teacher is not None else 0
     data = ShardImages(cfg.source, shard, cfg.model.input_size, augment=cfg.augment,
                        crop_scale=cfg.crop_scale, seed=cfg.seed, cache=cfg.cache_images)
     if start_epoch == 0:
