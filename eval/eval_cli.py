@@ -56,7 +56,7 @@ def register_eval(sub) -> None:
 def config_from_args(args: argparse.Namespace):
     from pipeline.config import ConfigError, load_config
 
-    from eval.evaluate import EvalConfig
+    from eval.eval_config import EvalConfig
 
     recipe = args.config or (None if args.encoder else "demo")
     cfg = load_config(EvalConfig, recipe, args.overrides, stage="eval")

@@ -1,17 +1,12 @@
 """``mimflow eval``: kNN, linear probe and fine-tune of an encoder, beside a random-init baseline.
 
-``run_eval(cfg)`` resolves the train/test split, loads the encoder (and, with ``baseline: random``,
-the same architecture randomly initialised), computes or reuses cached features, runs the asked
-methods, writes ``<out>/eval.json`` and ``<out>/config.yaml`` and returns the same document.
-``format_table`` renders it for a terminal.
+``run_eval(cfg)`` resolves the train/test split (``eval.splits``), loads the encoder (and, with
+``baseline: random``, the same architecture randomly initialised), computes or reuses cached
+features, runs the asked methods, writes ``<out>/eval.json`` and ``<out>/config.yaml`` and returns
+the same document. ``format_table`` renders it for a terminal.
 
-Splits, in order of preference: ``test_source`` when given; the source's own split (``split=test``
-for ``shapes`` and IDX folders, ``val/`` or ``test/`` beside ``train/`` for image folders); otherwise
-a deterministic split of the one source by a hash of each sample's key (``test_fraction``).
-
-Importing this module loads neither torch nor Ray (the config dataclasses can live in other stages'
-configs and in ``mimflow --help``); the work happens in ``eval.features``/``knn``/``linear_probe``/
-``finetune``, imported when used.
+Importing this module loads neither torch nor Ray; the work happens in ``eval.features``/``knn``/
+``linear_probe``/``finetune``, imported when used.
 """
 
 from __future__ import annotations
@@ -20,162 +15,15 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
-from urllib.parse import parse_qsl, urlencode
+from typing import Any, Callable
 
-import numpy as np
-
+from eval.eval_config import METHODS, EvalConfig, EvalError
+from eval.splits import class_mapping, resolve_split
 from pipeline import storage
-from pipeline.cli import StageError
 from pipeline.config import dump_config, to_dict
 
-METHODS = ("knn", "linear", "finetune")
 RESULT_VERSION = 1
-
-
-@dataclass
-class ProbeConfig:
-    optimizer: Literal["lbfgs", "adamw"] = "lbfgs"
-    epochs: int = 300  # L-BFGS iterations (full batch) or AdamW epochs
-    lr: float | None = None  # default: 1.0 for L-BFGS, 1e-2 for AdamW
-    weight_decays: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2])  # chosen on held-out train
-    val_fraction: float = 0.2
-    batch_size: int = 256  # AdamW only
-
-
-@dataclass
-class FinetuneConfig:
-    epochs: int = 5
-    lr: float = 1e-3  # peak lr of the head; block i gets lr * layer_decay^(depth - i)
-    min_lr: float = 1e-6
-    layer_decay: float = 0.65
-    drop_path: float = 0.1
-    weight_decay: float = 0.05
-    batch_size: int = 64  # per worker
-    workers: int = 1  # Ray Train workers; 0 runs in the driver process
-    cpus_per_worker: int = 1
-    use_gpu: bool | None = None  # None: when the cluster has GPUs
-    label_fraction: float = 1.0  # e.g. 0.01, 0.1: a deterministic class-balanced subset of train
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    clip_grad: float | None = None
-    augment: bool = True  # random-resized crop + flip
-    keep_model: bool = True  # the final checkpoint holds the fine-tuned classifier (timm Beit + head)
-
-    def __post_init__(self):
-        if not 0.0 < self.label_fraction <= 1.0:
-            raise ValueError(f"finetune.label_fraction must be in (0, 1], got {self.label_fraction}")
-        if self.epochs < 1:
-            raise ValueError(f"finetune.epochs must be >= 1, got {self.epochs}")
-
-
-@dataclass
-class EvalConfig:
-    encoder: str = ""  # exported encoder dir (or a pretraining checkpoint dir)
-    train_source: str = ""  # labelled source spec
-    test_source: str | None = None  # default: the source's own test split, else a hash split
-    test_fraction: float = 0.2  # for the hash split only
-    methods: list[Literal["knn", "linear", "finetune"]] = field(default_factory=lambda: ["knn", "linear"])
-    pooling: Literal["cls", "mean"] = "mean"
-    layer: int | None = None  # block index for features (negative from the end); None: last, normed
-    batch_size: int = 128  # feature extraction
-    k: int = 20
-    temperature: float = 0.07
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    baseline: Literal["random", "none"] = "none"
-    out: str = "eval-out"
-    feature_cache: str | None = None  # default: <out>/feature-cache
-    seed: int = 0
-
-    def __post_init__(self):
-        if not self.methods:
-            raise ValueError("methods must name at least one of knn, linear, finetune")
-        if len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"methods has duplicates: {self.methods}")
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
-        if self.k < 1 or self.temperature <= 0:
-            raise ValueError("k must be >= 1 and temperature > 0")
-
-
-class EvalError(StageError):
-    """An evaluation input a user can fix: unlabelled data, mismatched classes, missing encoder."""
-
-
-# ----------------------------------------------------------------------------------------- splits
-
-
-@dataclass(frozen=True)
-class SplitPlan:
-    train: str
-    test: str
-    mode: Literal["given", "source", "hash"]
-    test_fraction: float = 0.0
-
-    def masks(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
-        """Hash mode: (train mask, test mask) over ``keys``; None otherwise."""
-        if self.mode != "hash":
-            return None
-        test = np.array([is_test_key(k, self.test_fraction) for k in keys], dtype=bool)
-        return ~test, test
-
-
-def is_test_key(key: str, fraction: float) -> bool:
-    h = int.from_bytes(hashlib.sha256(f"eval-split:{key}".encode()).digest()[:8], "big")
-    return h / 2.0**64 < fraction
-
-
-def _with_params(spec: str, **changes: str) -> str:
-    body, _, query = spec.partition("?")
-    params = dict(parse_qsl(query, keep_blank_values=True))
-    params.update(changes)
-    return body + "?" + urlencode(params, safe="/:{},.*")
-
-
-def resolve_split(train_spec: str, test_spec: str | None, test_fraction: float = 0.2) -> SplitPlan:
-    """Where the test set comes from; refuses unlabelled sources (``EvalError``)."""
-    from eval.features import open_labelled
-
-    train = open_labelled(train_spec)
-    if test_spec:
-        open_labelled(test_spec)
-        return SplitPlan(train_spec, test_spec, "given")
-    params = dict(parse_qsl(train_spec.partition("?")[2], keep_blank_values=True))
-    candidates: list[tuple[str, str]] = []
-    if train.kind in ("shapes", "idx") and params.get("split", "train") == "train":
-        candidates = [(_with_params(train_spec, split="train"), _with_params(train_spec, split="test"))]
-    elif train.kind == "folder" and "split" not in params:
-        root = Path(train.root)
-        if (root / "train").is_dir():
-            candidates = [
-                (_with_params(train_spec, split="train"), _with_params(train_spec, split=name))
-                for name in ("val", "test")
-                if (root / name).is_dir()
-            ]
-    for tr, te in candidates:
-        try:
-            a, b = open_labelled(tr), open_labelled(te)
-        except Exception:  # noqa: BLE001 - a candidate that does not open is just not a split
-            continue
-        if a.fingerprint() != b.fingerprint():
-            return SplitPlan(tr, te, "source")
-    return SplitPlan(train_spec, train_spec, "hash", test_fraction)
-
-
-def class_mapping(train_classes: list[str], test_classes: list[str], test_spec: str) -> np.ndarray | None:
-    """Test label -> train label by class name; None when identical. Unknown test classes are an error."""
-    if list(test_classes) == list(train_classes):
-        return None
-    unknown = [c for c in test_classes if c not in train_classes]
-    if unknown:
-        raise EvalError(
-            f"test source {test_spec!r} has classes the training source lacks: {unknown[:5]}"
-            f" (training classes: {list(train_classes)[:10]})"
-        )
-    return np.array([train_classes.index(c) for c in test_classes], dtype=np.int64)
 
 
 # ------------------------------------------------------------------------------------------- run

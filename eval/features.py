@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from eval.evaluate import EvalError
+from eval.eval_config import EvalError
 from pipeline import storage
 
 POOLINGS = ("cls", "mean")

@@ -261,7 +261,7 @@ def finetune(
     encoder,  # eval.features.Encoder
     train,  # eval.features.LabelledImages
     test,
-    cfg,  # eval.evaluate.FinetuneConfig
+    cfg,  # eval.eval_config.FinetuneConfig
     *,
     num_classes: int,
     seed: int,

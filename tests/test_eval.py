@@ -184,7 +184,7 @@ def test_unlabelled_source_is_refused(tmp_path, tiny_encoder):
 
 
 def test_splits_from_the_source_or_by_hash(tmp_path):
-    from eval.evaluate import SplitPlan, resolve_split
+    from eval.splits import SplitPlan, resolve_split
 
     plan = resolve_split("shapes?n=20&size=32", None)
     assert (plan.mode, plan.train, plan.test) == ("source", "shapes?n=20&size=32&split=train", "shapes?n=20&size=32&split=test")
@@ -254,7 +254,8 @@ def test_feature_poolings_and_layers(tiny_encoder):
 
 
 def test_run_eval_writes_results_and_table(tmp_path, tiny_encoder):
-    from eval.evaluate import EvalConfig, ProbeConfig, format_table, run_eval
+    from eval.eval_config import EvalConfig, ProbeConfig
+    from eval.evaluate import format_table, run_eval
 
     cfg = EvalConfig(
         encoder=str(tiny_encoder), train_source="shapes?n=60&size=32", methods=["knn", "linear"],

@@ -20,7 +20,7 @@ def easy_images(n: int, size: int = 32, seed: int = 0):
 
 
 def test_finetune_on_ray_train_learns_an_easy_task(tmp_path, ray_local):
-    from eval.evaluate import FinetuneConfig
+    from eval.eval_config import FinetuneConfig
     from eval.features import load_encoder
     from eval.finetune import finetune
 
@@ -51,7 +51,8 @@ def test_finetune_on_ray_train_learns_an_easy_task(tmp_path, ray_local):
 
 
 def test_run_eval_finetune_with_baseline(tmp_path, ray_local):
-    from eval.evaluate import EvalConfig, FinetuneConfig, format_table, run_eval
+    from eval.eval_config import EvalConfig, FinetuneConfig
+    from eval.evaluate import format_table, run_eval
 
     enc = write_encoder(tmp_path / "enc")
     cfg = EvalConfig(
