@@ -5,19 +5,17 @@ real tiny tmpfs when this machine lets us mount one (root), else it is skipped."
 from __future__ import annotations
 
 import errno
-import json
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ray_kill import kill_when_registered  # noqa: E402
 from test_cache_support import make_tokenizer  # noqa: E402
 
 from pipeline import storage  # noqa: E402
@@ -34,58 +32,11 @@ STEPS = 40
 # A Ray Train worker killed mid-run
 
 
-def _alive_train_workers() -> list[int]:
-    import ray
-    from ray.util.state import list_actors
-
-    # Name this test's Ray: other Ray instances on the machine must not confuse the state API.
-    address = ray.get_runtime_context().gcs_address
-    actors = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-                         raise_on_missing_output=False)
-    return [a.pid for a in actors if a.pid]
-
-
 def _last_step(run_dir: Path) -> int:
     try:
         return max((r.get("step", 0) for r in read_metrics(str(run_dir)) if r["kind"] == "step"), default=0)
     except Exception:  # not written yet, or a line half written
         return 0
-
-
-def _registered(run_dir: Path) -> list[str]:
-    """Checkpoints Ray Train's controller has registered (its snapshot file; Ray 2.60 layout)."""
-    try:
-        snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-        return sorted(c["checkpoint_dir_name"] for c in snap["checkpoint_results"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
-
-
-def _killer(run_dir: Path, ckpt_name: str, done: threading.Event, out: dict) -> None:
-    """Learn the workers' pids, wait until `ckpt_name` is registered, SIGKILL one worker at once."""
-    try:
-        deadline = time.monotonic() + 240
-        pids: list[int] = []
-        while not done.is_set() and time.monotonic() < deadline and len(pids) < 2:
-            try:
-                pids = _alive_train_workers()
-            except Exception as e:  # the state API may not answer in the first seconds
-                out["list_error"] = repr(e)
-            time.sleep(0.2)
-        out["pids"] = pids
-        while not done.is_set() and time.monotonic() < deadline:
-            # a checkpoint directory appears before Ray Train's controller has registered it (and a
-            # restart only sees registered ones): wait until its snapshot lists the checkpoint
-            if ckpt_name in _registered(run_dir):
-                victim = pids[-1]
-                os.kill(victim, signal.SIGKILL)
-                out["killed"] = victim
-                out["registered"] = _registered(run_dir)
-                out["last_step"] = _last_step(run_dir)
-                return
-            time.sleep(0.02)
-    except Exception as e:  # reported by the test
-        out["error"] = repr(e)
 
 
 @pytest.mark.e2e
@@ -103,7 +54,8 @@ def test_train_worker_sigkill_restarts_from_checkpoint(ray_local, tmp_path):
     ])
     run_dir = out / "killed"
     done, seen = threading.Event(), {}
-    killer = threading.Thread(target=_killer, args=(run_dir, "checkpoint_00000008", done, seen), daemon=True)
+    killer = threading.Thread(target=kill_when_registered, daemon=True,
+                              args=(run_dir, "checkpoint_00000008", 2, done, seen, lambda: {"last_step": _last_step(run_dir)}))
     killer.start()
     try:
         result = run_pretrain(cfg, log=lambda s: None)

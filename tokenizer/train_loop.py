@@ -123,6 +123,20 @@ def _gather_codebooks(tok) -> dict[str, Any]:
     return {"ranks": len(gathered), "sha256": shas, "max_abs_diff": diff, "identical": len(set(shas)) == 1}
 
 
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """torch's global RNG state(s): saved in checkpoints so a resumed run draws what an uninterrupted one would."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 # --- the per-worker loop ------------------------------------------------------------------------
 def _quiet_worker_logs() -> None:
     import logging
@@ -162,7 +176,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     optimizer = torch.optim.AdamW(_param_groups(trainee.module, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
 
     # Resume from the run's latest checkpoint when it was made by this same training config.
-    start_epoch, history = 0, []
+    start_epoch, history, bad_examples = 0, [], []
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -170,7 +184,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         if state.get("fingerprint") == fingerprint:
             trainee.load_training_state(state)
             optimizer.load_state_dict(state["optimizer"])
+            if "rng" in state:  # dead-code restarts draw from torch's global RNG (rank 0 picks for all ranks)
+                _set_rng_state(state["rng"], device)
             start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
+            bad_examples = list(state.get("bad_examples", []))  # rank 0's, the ones the result reports
             log(f"resuming after epoch {start_epoch} of {cfg.epochs} from the run's checkpoint")
         else:
             log("the run's checkpoint was made by another config: starting afresh")
@@ -199,7 +216,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             + (f", teacher {cfg.teacher} ({trainee.teacher.dim}-d)" if trainee.teacher is not None else ""))
 
     last_batch = None
-    bad_examples: list[str] = []
     for epoch in range(start_epoch, cfg.epochs):
         t0, c0 = time.perf_counter(), time.process_time()
         trainee.module.train()
@@ -277,7 +293,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 if rank == 0:
                     save_tokenizer(tok, tmp)  # the checkpoint is itself a loadable tokenizer directory
                     state = {"fingerprint": fingerprint, "epoch": epoch, "history": history,
-                             "optimizer": optimizer.state_dict(), **trainee.training_state()}
+                             "optimizer": optimizer.state_dict(), "rng": _rng_state(device),
+                             "bad_examples": bad_examples,
+                             **trainee.training_state()}
                     torch.save(state, os.path.join(tmp, "state.pt"))
                     checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
