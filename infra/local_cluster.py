@@ -199,6 +199,9 @@ def start_cluster(
             ]
             for name, flag in PORT_FLAGS.items():
                 cmd += [flag, str(ports[name])]
+            # how Ray Train's placement-group cleaner finds this cluster's state API while other Rays
+            # run on the machine (see pipeline.ray_context.start_local_ray)
+            env["RAY_API_SERVER_ADDRESS"] = f"http://{LOOPBACK}:{ports['dashboard']}"
             if num_gpus is not None:
                 cmd += ["--num-gpus", str(num_gpus)]
             if object_store_memory is not None:

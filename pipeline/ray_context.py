@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -41,17 +42,29 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     if address:
         ray.init(address=address, **common)
     else:
-        # The dashboard stays on (bound to 127.0.0.1): Ray Train V2 polls the state API it serves.
-        ray.init(
-            num_cpus=num_cpus or os.cpu_count(),
-            _node_ip_address="127.0.0.1",
-            dashboard_host="127.0.0.1",
-            **common,
-        )
+        start_local_ray(num_cpus or os.cpu_count(), **common)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def start_local_ray(num_cpus: int | None, **init_kwargs) -> None:
+    """``ray.init`` a local Ray on loopback, its dashboard on a known port that its workers are told.
+
+    The dashboard stays on: Ray Train V2's placement-group cleaner polls the state API it serves. The
+    cleaner finds that API through ``RAY_API_SERVER_ADDRESS``, else by looking for *the* Ray on this
+    machine, which fails (a traceback per run) while another one runs, e.g. a `ray start` cluster or
+    a second `mimflow` command. The variable goes to this Ray's workers only (the job's runtime
+    environment), not to this process, whose subprocesses may talk to other clusters.
+    """
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", dashboard_port=port,
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}, **init_kwargs)
 
 
 def cluster_has_gpu() -> bool:

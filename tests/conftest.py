@@ -19,10 +19,10 @@ def ray_local():
     """A real local Ray (in-process head), shared by every test that asks for it."""
     import ray
 
+    from pipeline.ray_context import start_local_ray
+
     if not ray.is_initialized():
-        # The dashboard serves the state API that Ray Train V2's placement-group cleaner polls.
-        ray.init(num_cpus=4, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-                 log_to_driver=False, configure_logging=False)
+        start_local_ray(4, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 
