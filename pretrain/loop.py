@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from pipeline.config import dump_config, from_dict
 
@@ -99,18 +100,23 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     Returns the model's outputs, the gradient norm and the lr used."""
     from pretrain.data import normalize
 
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    images = normalize(batch["image"], mean, std)
+    # (the named ranges are what bench/bench_pretrain.py's step profile splits the step by)
+    with record_function("step.input"):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        images = normalize(batch["image"], mean, std)
     with autocast():
         tokens = batch.get("tokens")
         if tokenizer is not None:
-            with torch.no_grad():
+            with torch.no_grad(), record_function("step.tokenizer"):
                 tokens = tokenizer.encode(batch["tok_image"].float().div_(255.0))  # [0, 1], as the interface asks
-        out = model(images, batch["mask"], tokens)
+        with record_function("step.forward"):
+            out = model(images, batch["mask"], tokens)
     optimizer.zero_grad(set_to_none=True)
-    out["loss"].backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip) if clip else None
-    optimizer.step()
+    with record_function("step.backward"):
+        out["loss"].backward()
+    with record_function("step.optimizer"):
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip) if clip else None
+        optimizer.step()
     lr = optimizer.param_groups[0]["lr"]
     scheduler.step()
     return out, grad_norm, lr
@@ -122,6 +128,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     from pretrain.checkpoint import MetricsLog, checkpoint_state, load_checkpoint, optimizer_digest, save_checkpoint
     from pretrain.data import SampleTransform, make_dataset, make_loader
+    from pretrain.flops import mfu, peak_tflops
     from pretrain.masking import make_masker
     from pretrain.model import build_model
     from pretrain.optim import make_optimizer, make_scheduler
@@ -140,6 +147,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     core = build_model(cfg.model, cfg.data.img_size, cfg.target, plan.vocab_size)
     model = ray.train.torch.prepare_model(core)  # to device; DDP when world > 1
+    if cfg.compile:
+        core.compile_blocks()  # in place, so DDP and checkpoints see the same module
+    peak = peak_tflops(torch.cuda.get_device_name(device)) if gpu else None
     optimizer = make_optimizer(core, cfg.optim, fused=gpu)
     scheduler = make_scheduler(optimizer, cfg.optim, plan.total_steps, plan.warmup_steps)
 
@@ -182,6 +192,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     spe = plan.steps_per_epoch
     window, epoch_meter = Meter(device, cfg.target != "pixels"), Meter(device, cfg.target != "pixels")
     step, steps_here, last = start_step, 0, {}
+    eta_from: tuple[float, int] | None = None  # (time, step) of the first progress line
     run_start = time.perf_counter()
     model.train()
 
@@ -217,16 +228,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             m = window.read(world)
             if not torch.isfinite(torch.tensor(m["loss"])):
                 raise FloatingPointError(f"loss is {m['loss']} at step {step}")
-            rec = {"kind": "step", "step": step, "epoch": round(step / spe, 4), "lr": lr, **m}
+            rec = {"kind": "step", "step": step, "epoch": round(step / spe, 4), "lr": lr, **m,
+                   "model_tflops": m["images_per_s"] * plan.train_flops_per_image / 1e12}
+            if peak:
+                rec["mfu"] = mfu(m["images_per_s"] / world, plan.train_flops_per_image, peak)
             if grad_norm is not None:
                 rec["grad_norm"] = float(grad_norm)
             last = rec
             if rank == 0:
                 log.write(rec)
-                eta = (time.perf_counter() - run_start) / steps_here * (end_step - step)
+                # from the steps since the first progress line: start-up (loader, first step) would
+                # inflate a whole-run average for a long time
+                now = time.perf_counter()
+                if eta_from is None:
+                    eta_from = (now, step)
+                    eta = (end_step - step) * cfg.data.batch_size / max(m["images_per_s"], 1e-9)
+                else:
+                    eta = (now - eta_from[0]) / max(step - eta_from[1], 1) * (end_step - step)
                 acc = f"  acc {m['acc'] * 100:5.1f}%" if "acc" in m else ""
+                util = f"  mfu {rec['mfu'] * 100:.0f}%" if "mfu" in rec else ""
                 say(f"pretrain  epoch {step / spe:5.2f}/{plan.total_steps / spe:.4g}  step {step}/{plan.total_steps}"
-                    f"  loss {m['loss']:.4f}{acc}  lr {lr:.2e}  {m['images_per_s']:.0f} img/s  eta {_fmt_time(eta)}")
+                    f"  loss {m['loss']:.4f}{acc}  lr {lr:.2e}  {m['images_per_s']:.0f} img/s{util}"
+                    f"  eta {_fmt_time(eta)}")
         report: dict[str, Any] = {}
         if epoch_end:
             e = epoch_meter.read(world)

@@ -18,6 +18,7 @@ from pipeline import storage
 from pipeline.config import ConfigError, save_config, to_dict
 from pipeline.shards import CacheError, check_cache, shard_urls
 from pretrain.data import AUGMENTS, DataConfig
+from pretrain.flops import train_flops_per_image
 from pretrain.masking import make_masker, num_masked_for
 from pretrain.model import ModelConfig
 from pretrain.optim import OptimConfig
@@ -46,6 +47,7 @@ class PretrainConfig:
     workers: int = 1  # Ray Train workers (DDP ranks)
     cpus_per_worker: int = 1  # CPUs reserved per worker; also its torch threads
     use_gpu: bool = False  # one GPU per worker, NCCL and bf16 autocast; CPU: gloo and fp32
+    compile: bool = False  # torch.compile each transformer block (pays off on GPU; a minute of start-up)
     checkpoint_every: int = 1000  # steps (and always at the last step)
     keep_checkpoints: int | None = 2
     run_name: str = "pretrain"
@@ -71,6 +73,7 @@ class RunPlan:
     vocab_size: int | None
     tokenizer_id: str | None
     tok_input_size: int | None
+    train_flops_per_image: int  # model FLOPs of one image's forward + backward (pretrain.flops)
     run_dir: str
     storage_path: str
 
@@ -135,12 +138,14 @@ def plan_run(cfg: PretrainConfig) -> RunPlan:
     make_masker(cfg.mask.mode, tuple(grid), num_masked, min_block=cfg.mask.min_block,
                 max_block=cfg.mask.max_block, min_aspect=cfg.mask.min_aspect)  # validates
     storage_path = _storage_path(cfg.out)
+    out_dim = 3 * cfg.model.patch**2 if cfg.target == "pixels" else vocab
     return RunPlan(
         urls=shard_urls(d.tokens, rows), samples=samples, steps_per_epoch=steps_per_epoch, total_steps=total,
         end_step=end, warmup_steps=min(warmup, total), per_worker_batch=d.batch_size // cfg.workers,
         num_masked=num_masked, grid=grid, vocab_size=vocab,
         tokenizer_id=tok.tokenizer_id if tok is not None else info.get("tokenizer_id"),
         tok_input_size=int(tok.input_size) if tok is not None else None,
+        train_flops_per_image=train_flops_per_image(cfg.model, d.img_size, out_dim, num_masked),
         run_dir=storage.join(storage_path, cfg.run_name), storage_path=storage_path,
     )
 

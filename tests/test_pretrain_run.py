@@ -48,8 +48,9 @@ def test_two_workers_on_uneven_shards_then_stop_and_resume(ray_local, uneven_cac
     assert state6["step"] == 6 and state6["total_steps"] == 10 and state6["tokenizer_id"] == TOK.tokenizer_id
     assert (out / "uneven" / "encoder" / "model.safetensors").is_file()
 
-    # 2) the same command again (no stop): resumes at step 6 with the saved optimizer state, ends at 10
-    second = run_pretrain(_cfg(cache, out, "data.loader_workers=0"))
+    # 2) the same command again (no stop): resumes at step 6 with the saved optimizer state, ends at 10;
+    # this time with torch.compile'd blocks (same parameter names, so the checkpoint loads into them)
+    second = run_pretrain(_cfg(cache, out, "data.loader_workers=0", "compile=true"))
     assert second.metrics["start_step"] == 6 and second.metrics["step"] == 10
     assert second.metrics["rank_steps"] == [4, 4]
     assert second.metrics["resumed_optimizer_digest"] == state6["optimizer_digest"]
@@ -68,8 +69,11 @@ def test_two_workers_on_uneven_shards_then_stop_and_resume(ray_local, uneven_cac
     by_step = {r["step"]: r for r in records if r["kind"] == "step"}
     for s in (1, 2, 7, 10):  # the lr used at step s is the schedule's value at s - 1
         assert by_step[s]["lr"] == pytest.approx(2e-3 * sched(s - 1))
+    flops = plan_run(_cfg(cache, out)).train_flops_per_image
     for r in by_step.values():
         assert r["loss"] > 0 and 0 <= r["acc"] <= 1 and r["images_per_s"] > 0 and r["images"] == 8
+        assert r["model_tflops"] == pytest.approx(r["images_per_s"] * flops / 1e12)
+        assert "mfu" not in r  # CPU: no peak to divide by
     enc = json.loads((out / "uneven" / "encoder" / "config.json").read_text())
     assert enc["step"] == 10 and enc["timm_kwargs"]["use_shared_rel_pos_bias"] is True
 
