@@ -270,7 +270,7 @@ def finetune(
 ) -> dict:
     """Run fine-tuning on Ray Train (Ray must be initialised); returns per-epoch top-1 and the final figure."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.ray_context import cluster_has_gpu
@@ -319,7 +319,8 @@ def finetune(
         _train_loop,
         train_loop_config=config,
         scaling_config=scaling,
-        run_config=RunConfig(name=run_name, storage_path=storage_path),
+        run_config=RunConfig(name=run_name, storage_path=storage_path,
+                             logging_config=LoggingConfig(log_level="WARNING")),
     ).fit()
     if result.error:
         raise result.error

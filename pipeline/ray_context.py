@@ -60,6 +60,8 @@ def start_local_ray(num_cpus: int | None, **init_kwargs) -> None:
     """
     import ray
 
+    # "Token authentication is enabled for this Ray cluster": true, and says nothing to act on here
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -153,7 +153,7 @@ def plan_run(cfg: PretrainConfig) -> RunPlan:
 def run_pretrain(cfg: PretrainConfig, address: str | None = None, log: Callable[[str], None] = print,
                  num_cpus: int | None = None) -> PretrainResult:
     """Train (or resume) under ``<out>/<run_name>``, export the encoder, return the paths and metrics."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.ray_context import cluster_has_gpu, ray_session
@@ -182,6 +182,7 @@ def run_pretrain(cfg: PretrainConfig, address: str | None = None, log: Callable[
                 storage_path=plan.storage_path,
                 failure_config=FailureConfig(max_failures=cfg.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                logging_config=LoggingConfig(log_level="WARNING"),  # the progress line says what matters
             ),
         )
         result = trainer.fit()

@@ -69,3 +69,28 @@ def test_run_eval_finetune_with_baseline(tmp_path, ray_local):
         doc["results"]["pretrained"]["finetune"]["top1"] - doc["results"]["random"]["finetune"]["top1"]
     )
     assert "fine-tune (1 ep, 50% labels)" in format_table(doc)
+
+
+def test_two_ddp_workers_fine_tune_as_one_worker_with_their_global_batch(tmp_path, ray_local):
+    """DDP averages the two ranks' gradients: 2 workers x 8 images must take the steps 1 worker x 16 takes."""
+    from eval.eval_config import FinetuneConfig
+    from eval.features import load_encoder
+    from eval.finetune import finetune
+
+    enc = load_encoder(write_encoder(tmp_path / "enc"))
+    train, test = easy_images(64), easy_images(30, seed=1)
+    runs = {}
+    for workers, batch in ((1, 16), (2, 8)):
+        cfg = FinetuneConfig(epochs=2, lr=2e-3, batch_size=batch, workers=workers, warmup_epochs=0.5,
+                             label_fraction=1.0, drop_path=0.0, augment=False, keep_model=False)
+        runs[workers] = finetune(enc, train, test, cfg, num_classes=2, seed=0,
+                                 storage_path=str(tmp_path / "runs"), name=f"ddp-{workers}")
+    one, two = runs[1], runs[2]
+    assert one["workers"] == 1 and two["workers"] == 2
+    assert [h["epoch"] for h in two["epochs"]] == [1, 2]
+    for a, b in zip(one["epochs"], two["epochs"]):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert b["lr"] == pytest.approx(a["lr"])
+        # each rank scores its half of the test set; the sums over ranks give the same accuracy
+        assert abs(b["top1"] - a["top1"]) <= 1 / 30 + 1e-9
+    assert one["epochs"][0]["train_loss"] != one["epochs"][1]["train_loss"]  # it did train
