@@ -119,6 +119,7 @@ def step_profile(run: Callable[[], None], steps: int, device: torch.device, top:
 
     On GPU, device (kernel) time; on CPU, host time.
     """
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     gpu = device.type == "cuda"
@@ -131,7 +132,10 @@ def step_profile(run: Callable[[], None], steps: int, device: torch.device, top:
     own = (lambda e: e.self_device_time_total) if gpu else (lambda e: e.self_cpu_time_total)  # noqa: E731
     ms = lambda us: round(us / 1e3 / steps, 3)  # noqa: E731
     phases = {e.key.split(".", 1)[1]: ms(total(e)) for e in events if e.key.startswith("step.")}
-    ops = sorted((e for e in events if not e.key.startswith("step.")), key=own, reverse=True)
+    # host-side op events only: on GPU the kernels are events too, and their time is already in the
+    # self device time of the ops that launched them
+    ops = sorted((e for e in events if not e.key.startswith("step.") and e.device_type == DeviceType.CPU),
+                 key=own, reverse=True)
     all_ops = sum(own(e) for e in ops) or 1.0
     return {"time": "device" if gpu else "host", "phases_ms": phases,
             "top_ops": [{"op": e.key, "ms": ms(own(e)), "share": round(own(e) / all_ops, 3)} for e in ops[:top]]}

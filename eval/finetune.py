@@ -220,7 +220,9 @@ def _train_loop(config: dict) -> None:
         counts = torch.stack([correct, torch.tensor(float(len(test_x)), dtype=torch.float64), loss_sum,
                               torch.tensor(float(loss_n), dtype=torch.float64)])
         if world > 1 and torch.distributed.is_initialized():
+            counts = counts.to(device)  # NCCL reduces CUDA tensors only
             torch.distributed.all_reduce(counts)
+            counts = counts.cpu()
         history.append({
             "epoch": epoch + 1,
             "train_loss": float(counts[2] / max(counts[3], 1)),

@@ -11,7 +11,11 @@ import logging
 import os
 import socket
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
+
+from pipeline.config import ConfigError
+
+_started_here = False  # whether the session's Ray was started by this process (see require_gpu)
 
 
 def add_ray_arguments(parser) -> None:
@@ -38,15 +42,18 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     if ray.is_initialized():  # a caller (a test, `mimflow run`) already holds one: share it
         yield
         return
+    global _started_here
     common = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
     if address:
         ray.init(address=address, **common)
     else:
         start_local_ray(num_cpus or os.cpu_count(), **common)
+    _started_here = not address
     try:
         yield
     finally:
         ray.shutdown()
+        _started_here = False
 
 
 def start_local_ray(num_cpus: int | None, **init_kwargs) -> None:
@@ -67,6 +74,19 @@ def start_local_ray(num_cpus: int | None, **init_kwargs) -> None:
         port = s.getsockname()[1]
     ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", dashboard_port=port,
              runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}, **init_kwargs)
+
+
+def require_gpu(log: Callable[[str], None]) -> None:
+    """Before asking for GPU workers on a cluster that has none now: an error on a Ray this process
+    started (nothing will add a GPU), a warning on a cluster (an autoscaler may add a GPU node, and
+    Ray waits for it)."""
+    if cluster_has_gpu():
+        return
+    if _started_here:
+        raise ConfigError("use_gpu is true but this machine's Ray has no GPU "
+                          "(set use_gpu=false, or pass --address of a cluster with GPUs)")
+    log("warning: use_gpu is true and the Ray cluster has no GPU yet: waiting for one "
+        "(an autoscaler must add a GPU node)")
 
 
 def cluster_has_gpu() -> bool:

@@ -19,6 +19,7 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H100", 989.0),  # SXM (e.g. "NVIDIA H100 80GB HBM3")
     ("A100", 312.0),
     ("L40S", 362.0),
+    ("L40", 181.0),
     ("L4", 121.0),
 )
 

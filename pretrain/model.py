@@ -121,11 +121,16 @@ class MIMModel(nn.Module):
     def compile_blocks(self) -> None:
         """``torch.compile`` each transformer block in place (regional compilation).
 
-        Blocks only: the masked-position indexing of the head has a data-dependent shape that would
-        split a whole-model graph, and identical blocks share one compiled graph, which keeps compile
-        time short. Parameter names, checkpoints and DDP are unchanged.
+        Blocks only: the head's masked-position indexing has a data-dependent shape that would split a
+        whole-model graph. Blocks with the same drop-path rate share one compiled graph; with drop path
+        (the base recipes) every block has its own rate and graph, so dynamo's recompile limit (8) is
+        raised to the number of blocks, or the blocks past it would silently run eager. Parameter
+        names, checkpoints and DDP are unchanged.
         """
+        import torch._dynamo
+
         blocks = list(self.encoder.blocks) + list(getattr(self, "cls_pt_blocks", []))
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(blocks) + 1)
         for blk in blocks:
             blk.compile()
 

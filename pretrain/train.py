@@ -134,9 +134,12 @@ def plan_run(cfg: PretrainConfig) -> RunPlan:
     total = cfg.steps if cfg.steps is not None else max(1, int(round(cfg.epochs * steps_per_epoch)))
     end = min(total, cfg.stop_at) if cfg.stop_at else total
     warmup = cfg.optim.warmup_steps or int(round(cfg.optim.warmup_epochs * steps_per_epoch))
-    num_masked = num_masked_for(tuple(grid), cfg.mask.ratio, cfg.mask.num_masked)
-    make_masker(cfg.mask.mode, tuple(grid), num_masked, min_block=cfg.mask.min_block,
-                max_block=cfg.mask.max_block, min_aspect=cfg.mask.min_aspect)  # validates
+    try:
+        num_masked = num_masked_for(tuple(grid), cfg.mask.ratio, cfg.mask.num_masked)
+        make_masker(cfg.mask.mode, tuple(grid), num_masked, min_block=cfg.mask.min_block,
+                    max_block=cfg.mask.max_block, min_aspect=cfg.mask.min_aspect)  # validates
+    except ValueError as e:  # a config mistake: one line, not a traceback
+        raise ConfigError(str(e)) from None
     storage_path = _storage_path(cfg.out)
     out_dim = 3 * cfg.model.patch**2 if cfg.target == "pixels" else vocab
     return RunPlan(
@@ -156,7 +159,7 @@ def run_pretrain(cfg: PretrainConfig, address: str | None = None, log: Callable[
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.ray_context import cluster_has_gpu, ray_session
+    from pipeline.ray_context import ray_session, require_gpu
     from pretrain.checkpoint import latest_checkpoint
     from pretrain.export import export_encoder
     from pretrain.loop import train_loop_per_worker
@@ -168,8 +171,8 @@ def run_pretrain(cfg: PretrainConfig, address: str | None = None, log: Callable[
         f"({cfg.mask.mode}) -> {plan.run_dir}")
     start = time.perf_counter()
     with ray_session(address, num_cpus=num_cpus):
-        if cfg.use_gpu and not cluster_has_gpu():
-            raise ConfigError("use_gpu is true but the Ray cluster has no GPU (set use_gpu=false)")
+        if cfg.use_gpu:
+            require_gpu(log)
         resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
         trainer = TorchTrainer(
             train_loop_per_worker,

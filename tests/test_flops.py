@@ -54,7 +54,7 @@ def test_peak_table_and_mfu():
     assert peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert peak_tflops("NVIDIA H200") == 989.0
     assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
-    assert peak_tflops("NVIDIA L4") == 121.0
+    assert peak_tflops("NVIDIA L4") == 121.0 and peak_tflops("NVIDIA L40") == 181.0
     assert peak_tflops(None) is None and peak_tflops("Some Future GPU") is None
     # ViT-B/16 at 224 is 17.6 GMACs (timm's figure), 35.1 GFLOPs; the head on 75 of 196 patches adds
     # 2 * 75 * 768 * 8192 = 0.94 GFLOPs

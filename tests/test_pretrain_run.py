@@ -194,3 +194,27 @@ def test_python_m_pretrain_is_the_job_entry_point(capsys):
     assert ok.returncode == 0 and "tokens: /abs/tokens/abc" in ok.stdout and "lr: 0.001" in ok.stdout
     assert main(["--config", "demo", "--set", "optim.lrr=1"]) == 2
     assert "optim.lr" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_use_gpu_on_a_local_ray_without_gpu_is_a_clear_error(uneven_cache):
+    """On a Ray this process starts nothing will ever add a GPU: fail at once, not wait forever."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, cache = uneven_cache
+    def pretrain(*extra: str) -> subprocess.CompletedProcess:
+        sets = [a for s in (f"data.tokens={cache}", f"out={root / 'gpu-runs'}", "data.img_size=32", "model.patch=8",
+                            "data.batch_size=8", "model.dim=32", "model.depth=2", "model.heads=2", *extra)
+                for a in ("--set", s)]
+        return subprocess.run([sys.executable, "-m", "pipeline", "pretrain", *sets, "--num-cpus", "1"],
+                              cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
+
+    r = pretrain("use_gpu=true", "mask.num_masked=6")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "use_gpu is true but this machine's Ray has no GPU" in r.stderr
+    # (and a mask that does not fit the grid is a config error too, before Ray starts)
+    r = pretrain("mask.num_masked=26")
+    assert r.returncode == 2 and "mask.num_masked must be in (0, 16)" in r.stderr and "Traceback" not in r.stderr
+    assert not (root / "gpu-runs").exists() or not any((root / "gpu-runs").rglob("checkpoint_*"))

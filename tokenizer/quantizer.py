@@ -139,7 +139,8 @@ class NormEMAQuantizer(nn.Module):
     # --- look-up -------------------------------------------------------------------------------
     def assign(self, z: torch.Tensor) -> torch.Tensor:
         """Nearest code by cosine similarity (``z`` rows are l2-normalised): ``[N]`` int64."""
-        return (z.float() @ self.embedding.t()).argmax(dim=-1)
+        with torch.autocast(z.device.type, enabled=False):  # fp32 under bf16 autocast too (as the cache build)
+            return (z.float() @ self.embedding.t()).argmax(dim=-1)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``z``: ``[N, D]`` l2-normalised. Returns (straight-through ``z_q``, ids ``[N]``, commitment)."""

@@ -60,7 +60,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, address: str | None = None, log: 
     """Train (or reuse) the tokenizer described by ``cfg``; returns its directory (``cfg.out``)."""
     from pipeline import storage
     from pipeline.cli import StageError
-    from pipeline.ray_context import ray_session
+    from pipeline.ray_context import ray_session, require_gpu
     from pipeline.sources import open_source
 
     out = _local_or_uri(cfg.out)
@@ -85,6 +85,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig, address: str | None = None, log: 
     log(f"tokenizer: training {cfg.model.kind} on {source.describe()}; run {run_name!r} under {storage_path}")
     start = time.perf_counter()
     with ray_session(address):
+        if cfg.use_gpu and cfg.num_workers:
+            require_gpu(log)
         result = _fit(cfg, plan, fingerprint, run_name, storage_path)
     seconds = time.perf_counter() - start
 
