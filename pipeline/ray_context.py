@@ -63,7 +63,8 @@ def start_local_ray(num_cpus: int | None, **init_kwargs) -> None:
     cleaner finds that API through ``RAY_API_SERVER_ADDRESS``, else by looking for *the* Ray on this
     machine, which fails (a traceback per run) while another one runs, e.g. a `ray start` cluster or
     a second `mimflow` command. The variable goes to this Ray's workers only (the job's runtime
-    environment), not to this process, whose subprocesses may talk to other clusters.
+    environment), not to this process, whose subprocesses may talk to other clusters. Ray Train's
+    preemption watcher (spot-instance notices) is off: there is nothing to preempt on one machine.
     """
     import ray
 
@@ -72,8 +73,13 @@ def start_local_ray(num_cpus: int | None, **init_kwargs) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    env = {
+        "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
+        # one machine has no spot preemption to watch for; the watcher's actor logs an error line per run
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    }
     ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", dashboard_port=port,
-             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}, **init_kwargs)
+             runtime_env={"env_vars": env}, **init_kwargs)
 
 
 def require_gpu(log: Callable[[str], None]) -> None:
