@@ -115,9 +115,12 @@ def _sync(device: torch.device) -> None:
 
 
 def step_profile(run: Callable[[], None], steps: int, device: torch.device, top: int = 8) -> dict[str, Any]:
-    """ms per step in each of ``train_step``'s named ranges, and the ops that take the most time.
+    """ms per step in each of ``train_step``'s named ranges (host time), and the ops that take the most
+    time (on GPU their kernels' time, on CPU host time).
 
-    On GPU, device (kernel) time; on CPU, host time.
+    Ranges are host time on GPU too: backward kernels are launched from autograd's device thread, outside
+    the range that calls ``backward()``, so ranges cannot own their kernels; host time per range next to
+    the step time shows whether the host keeps the GPU fed.
     """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -128,16 +131,15 @@ def step_profile(run: Callable[[], None], steps: int, device: torch.device, top:
         run()
         _sync(device)
     events = prof.key_averages()
-    total = (lambda e: e.device_time_total) if gpu else (lambda e: e.cpu_time_total)  # noqa: E731
     own = (lambda e: e.self_device_time_total) if gpu else (lambda e: e.self_cpu_time_total)  # noqa: E731
     ms = lambda us: round(us / 1e3 / steps, 3)  # noqa: E731
-    phases = {e.key.split(".", 1)[1]: ms(total(e)) for e in events if e.key.startswith("step.")}
+    phases = {e.key.split(".", 1)[1]: ms(e.cpu_time_total) for e in events if e.key.startswith("step.")}
     # host-side op events only: on GPU the kernels are events too, and their time is already in the
     # self device time of the ops that launched them
     ops = sorted((e for e in events if not e.key.startswith("step.") and e.device_type == DeviceType.CPU),
                  key=own, reverse=True)
     all_ops = sum(own(e) for e in ops) or 1.0
-    return {"time": "device" if gpu else "host", "phases_ms": phases,
+    return {"phases_host_ms": phases, "top_ops_time": "device" if gpu else "host",
             "top_ops": [{"op": e.key, "ms": ms(own(e)), "share": round(own(e) / all_ops, 3)} for e in ops[:top]]}
 
 
