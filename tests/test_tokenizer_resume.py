@@ -7,9 +7,10 @@ with Ray Train's default ``FailureConfig(max_failures=0)``, so the run fails; th
 same config (same run name and storage path) picks the run's latest checkpoint up through
 ``ray.train.get_checkpoint()`` and restores the weights, the codebook's training state (initialised, EMA
 sizes, usage, step count, recent outputs), AdamW's state, the history and torch's RNG state (dead-code
-restarts draw from it: without it the resumed run diverged from epoch 5 on). The reference is the same config trained without interruption in local
-mode (``num_workers=0``): with one worker there is no DDP either way, and the two give bit-identical
-weights (same seeds, same data order, one torch thread), so the comparison can be exact.
+restarts draw from it: without it the resumed run diverged from epoch 5 on). The reference is the
+same config trained without interruption in local mode (``num_workers=0``): with one worker there is
+no DDP either way, and the two give bit-identical weights (same seeds, same data order, one torch
+thread), so the comparison can be exact.
 """
 
 from __future__ import annotations
