@@ -249,13 +249,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(trainee.module.parameters(), cfg.grad_clip)
             optimizer.step()
+            # metrics stay on the device until the epoch ends (a float() per step would stall a GPU)
             n = x.shape[0]
+            loss_d = loss.detach().double()
             if step == 0:
-                sums[4] = float(loss.detach()) / world  # the untrained model's loss, for reference
+                sums[4] = loss_d / world  # the untrained model's loss, for reference
             if idx is not None:  # None while the codebook warms up
                 counts += torch.bincount(idx.reshape(-1), minlength=k).to(counts)
-            aux = parts.get("commit", parts.get("kl", torch.zeros(())))
-            sums[:4] += torch.tensor([float(loss.detach()) * n, float(parts["rec"]) * n, float(aux) * n, n], dtype=torch.float64, device=device)
+            aux = parts.get("commit", parts.get("kl"))
+            aux_d = aux.detach().double() if aux is not None else torch.zeros((), dtype=torch.float64, device=device)
+            sums[:4] += torch.stack([loss_d * n, parts["rec"].detach().double() * n, aux_d * n,
+                                     torch.tensor(float(n), dtype=torch.float64, device=device)])
         _all_reduce(counts)
         _all_reduce(sums)
         bad_t = _all_reduce(torch.tensor([bad], dtype=torch.float64, device=device))
