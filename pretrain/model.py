@@ -130,7 +130,9 @@ class MIMModel(nn.Module):
         import torch._dynamo
 
         blocks = list(self.encoder.blocks) + list(getattr(self, "cls_pt_blocks", []))
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(blocks) + 1)
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+        setattr(config, name, max(getattr(config, name), len(blocks) + 1))
         for blk in blocks:
             blk.compile()
 
