@@ -82,6 +82,22 @@ def start_local_ray(num_cpus: int | None, **init_kwargs) -> None:
              runtime_env={"env_vars": env}, **init_kwargs)
 
 
+def quiet_train_worker_logs() -> None:
+    """In a Ray Train worker: Ray Train logs every report, checkpoint and DDP wrap at INFO; the stages'
+    own progress lines say enough."""
+    for name in ("ray.train", "ray.train.torch", "ray.train.v2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:  # some log on loggers named after their module's file (Ray 2.60 internals)
+        from ray.train.v2._internal.execution import context as train_context
+        from ray.train.v2._internal.execution import storage as train_storage
+
+        for module in (train_context, train_storage):
+            logging.getLogger(module.__file__).setLevel(logging.WARNING)
+    except Exception:  # pragma: no cover - best effort across Ray versions
+        pass
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # "Could not load library with AVX2 ..."
+
+
 def require_gpu(log: Callable[[str], None]) -> None:
     """Before asking for GPU workers on a cluster that has none now: an error on a Ray this process
     started (nothing will add a GPU), a warning on a cluster (an autoscaler may add a GPU node, and

@@ -65,22 +65,6 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-def quiet_train_logs() -> None:
-    """Ray Train logs every report, checkpoint and DDP wrap at INFO; the progress line says enough."""
-    import logging
-
-    for name in ("ray.train", "ray.train.torch", "ray.train.v2"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    try:  # some log on loggers named after their module's file (Ray 2.60 internals)
-        from ray.train.v2._internal.execution import context as train_context
-        from ray.train.v2._internal.execution import storage as train_storage
-
-        for module in (train_context, train_storage):
-            logging.getLogger(module.__file__).setLevel(logging.WARNING)
-    except Exception:  # pragma: no cover - best effort across Ray versions
-        pass
-
-
 def _tokenizer_on(tok: Any, device: torch.device) -> Any:
     if isinstance(tok, torch.nn.Module):
         return tok.to(device).eval()
@@ -126,6 +110,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
+    from pipeline.ray_context import quiet_train_worker_logs
     from pretrain.checkpoint import MetricsLog, checkpoint_state, load_checkpoint, optimizer_digest, save_checkpoint
     from pretrain.data import SampleTransform, make_dataset, make_loader
     from pretrain.flops import mfu, peak_tflops
@@ -134,7 +119,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from pretrain.optim import make_optimizer, make_scheduler
     from pretrain.train import PretrainConfig, RunPlan
 
-    quiet_train_logs()
+    quiet_train_worker_logs()
     cfg: PretrainConfig = from_dict(PretrainConfig, config["cfg"])
     plan = RunPlan(**config["plan"])
     ctx = ray.train.get_context()

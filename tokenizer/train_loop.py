@@ -138,25 +138,13 @@ def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None
 
 
 # --- the per-worker loop ------------------------------------------------------------------------
-def _quiet_worker_logs() -> None:
-    import logging
-
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    try:  # Ray 2.60 logs every report at INFO on a logger named after its file (internal; best effort)
-        from ray.train.v2._internal.execution import context as _train_context
-
-        logging.getLogger(_train_context.__file__).setLevel(logging.WARNING)
-    except Exception:
-        pass
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # "Could not load library with AVX2 ..."
-
-
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train
     import ray.train.torch
     from torch.nn.parallel import DistributedDataParallel
 
     from pipeline.config import from_dict
+    from pipeline.ray_context import quiet_train_worker_logs
     from tokenizer.base import save_tokenizer
     from tokenizer.quantizer import usage_stats
 
@@ -164,7 +152,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     plan = Plan(**loop_config["plan"])
     fingerprint = loop_config["fingerprint"]
     rank, world = _rank_world()
-    _quiet_worker_logs()
+    quiet_train_worker_logs()
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     amp = device.type == "cuda" and cfg.amp
