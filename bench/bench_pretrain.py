@@ -63,7 +63,7 @@ def tokenizer_config(spec: dict[str, Any] | str):
         from pipeline.config import load_config
         from tokenizer.train_config import TokenizerTrainConfig
 
-        return load_config(TokenizerTrainConfig, spec.split(":", 1)[1], stage="tokenizer").model
+        return load_config(TokenizerTrainConfig, spec.split(":", 1)[1]).model
     return TokenizerConfig(**spec)
 
 
@@ -75,7 +75,7 @@ def model_config(spec: dict[str, Any] | str):
         from pipeline.config import load_config
         from pretrain.train import PretrainConfig
 
-        return load_config(PretrainConfig, spec.split(":", 1)[1], stage="pretrain").model
+        return load_config(PretrainConfig, spec.split(":", 1)[1]).model
     return ModelConfig(**spec)
 
 

@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for recipe, (batch, batches) in SIZES[args.size].items():
         if args.only and recipe not in args.only:
             continue
-        model_cfg = load_config(TokenizerTrainConfig, recipe, stage="tokenizer").model
+        model_cfg = load_config(TokenizerTrainConfig, recipe).model
         torch.manual_seed(0)
         tok = build_tokenizer(model_cfg).to(device).eval()
         params = sum(p.numel() for p in tok.export_state_dict().values())

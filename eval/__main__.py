@@ -8,7 +8,7 @@ from typing import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pipeline.cli import run_command
+    from pipeline.command import run_command
 
     from eval.eval_cli import DESCRIPTION, add_eval_arguments, handle_eval
 

@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 import sys
 
-from pipeline.cli import add_config_arguments
+from pipeline.command import add_config_arguments
 from pipeline.ray_context import add_ray_arguments
 
 DESCRIPTION = """\
@@ -59,7 +59,7 @@ def config_from_args(args: argparse.Namespace):
     from eval.eval_config import EvalConfig
 
     recipe = args.config or (None if args.encoder else "demo")
-    cfg = load_config(EvalConfig, recipe, args.overrides, stage="eval")
+    cfg = load_config(EvalConfig, recipe, args.overrides)
     quick = {
         name: getattr(args, name)
         for name in ("encoder", "train_source", "test_source", "baseline", "pooling", "layer", "out")

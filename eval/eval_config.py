@@ -7,9 +7,10 @@ configs and in ``mimflow --help``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import ClassVar, Literal
 
-from pipeline.cli import StageError
+from pipeline.errors import StageError
 
 METHODS = ("knn", "linear", "finetune")
 
@@ -52,6 +53,8 @@ class FinetuneConfig:
 
 @dataclass
 class EvalConfig:
+    RECIPES: ClassVar[Path] = Path(__file__).parent / "recipes"
+
     encoder: str = ""  # exported encoder dir (or a pretraining checkpoint dir)
     train_source: str = ""  # labelled source spec
     test_source: str | None = None  # default: the source's own test split, else a hash split

@@ -47,8 +47,8 @@ STAGES: dict[str, list[str]] = {
     "tokenizer": ["python", "-m", "tokenizer"],
     "pretrain": ["python", "-m", "pretrain"],
     "eval": ["python", "-m", "eval"],
-    "codebook": ["python", "-m", "pipeline", "codebook", "report"],
-    "refresh": ["python", "-m", "pipeline", "tokens", "refresh"],
+    "codebook": ["python", "-m", "mimflow", "codebook", "report"],
+    "refresh": ["python", "-m", "mimflow", "tokens", "refresh"],
 }
 
 

@@ -17,37 +17,28 @@ from typing import Any, Literal, Sequence, TypeVar, Union
 
 import yaml
 
+from pipeline.errors import ConfigError
+
 T = TypeVar("T")
 
-RECIPE_DIRS = {
-    "run": Path(__file__).parent / "recipes",
-    "tokenizer": Path(__file__).parent.parent / "tokenizer" / "recipes",
-    "pretrain": Path(__file__).parent.parent / "pretrain" / "recipes",
-    "eval": Path(__file__).parent.parent / "eval" / "recipes",
-}
+
+def list_recipes(recipes: Path) -> list[str]:
+    return sorted(p.stem for p in recipes.glob("*.yaml"))
 
 
-class ConfigError(ValueError):
-    """A recipe or override that does not fit the stage's config."""
-
-
-def list_recipes(stage: str) -> list[str]:
-    directory = RECIPE_DIRS[stage]
-    return sorted(p.stem for p in directory.glob("*.yaml"))
-
-
-def resolve_recipe(recipe: str | Path, stage: str) -> Path:
-    """A packaged recipe name (``demo``) or a path to a YAML file."""
+def resolve_recipe(recipe: str | Path, recipes: Path) -> Path:
+    """A packaged recipe name (``demo``, looked up in the stage's ``recipes`` folder) or a YAML path."""
     path = Path(recipe)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise ConfigError(f"recipe file not found: {path}")
         return path
-    candidate = RECIPE_DIRS[stage] / f"{recipe}.yaml"
+    candidate = recipes / f"{recipe}.yaml"
     if candidate.is_file():
         return candidate
-    known = list_recipes(stage)
+    known = list_recipes(recipes)
     hint = difflib.get_close_matches(str(recipe), known, n=3)
+    stage = recipes.parent.name
     raise ConfigError(
         f"no {stage} recipe named {recipe!r}; packaged recipes: {', '.join(known) or 'none'}"
         + (f" (did you mean {', '.join(hint)}?)" if hint else "")
@@ -58,14 +49,16 @@ def load_config(
     cls: type[T],
     recipe: str | Path | None = None,
     overrides: Sequence[str] = (),
-    *,
-    stage: str | None = None,
 ) -> T:
-    """Build ``cls`` from a recipe plus ``key.sub=value`` overrides."""
+    """Build ``cls`` from a recipe plus ``key.sub=value`` overrides.
+
+    A recipe is a YAML path or the name of one in the folder the config class names as ``RECIPES``
+    (a ``ClassVar``): each stage owns its recipes, the core knows none of them.
+    """
     data: dict[str, Any] = {}
     where = "defaults"
     if recipe is not None:
-        path = resolve_recipe(recipe, stage or "run")
+        path = resolve_recipe(recipe, getattr(cls, "RECIPES", None) or Path("recipes"))
         where = str(path)
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):

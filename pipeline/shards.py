@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.errors import CacheError
 from pipeline.views import View, views_from_json, views_to_json
 
 MANIFEST = "manifest.parquet"
@@ -45,10 +46,6 @@ MANIFEST_SCHEMA = pa.schema(
     ]
 )
 ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("reason", pa.string())])
-
-
-class CacheError(RuntimeError):
-    """A token cache that is missing, incomplete, stale or corrupt; the message says what to run."""
 
 
 def shard_name(index: int) -> str:

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Iterator, Union
 from urllib.parse import parse_qsl
 
+from pipeline.errors import SourceError
+
 DEFAULT_PARTITION_SIZE = 512
 
 
@@ -55,10 +57,6 @@ class Partition:
     @property
     def size(self) -> int:
         return self.stop - self.start
-
-
-class SourceError(ValueError):
-    """A source spec that cannot be opened: missing path, no images, malformed IDX header..."""
 
 
 def safe_key(text: str) -> str:

@@ -16,7 +16,7 @@ from typing import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pipeline.cli import run_command
+    from pipeline.command import run_command
     from pretrain.cli import add_pretrain_arguments, pretrain_command
 
     parser = argparse.ArgumentParser(prog="python -m pretrain", description="Masked image modeling pretraining on Ray Train.")

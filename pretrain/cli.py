@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.cli import StageError, add_config_arguments
+from pipeline.errors import StageError
+from pipeline.command import add_config_arguments
 
 
 def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +22,7 @@ def pretrain_command(args: argparse.Namespace) -> int:
     from pipeline.shards import CacheError
     from pretrain.train import PretrainConfig, run_pretrain
 
-    cfg = load_config(PretrainConfig, args.config, args.overrides, stage="pretrain")
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0

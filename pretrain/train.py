@@ -12,7 +12,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 from pipeline import storage
 from pipeline.config import ConfigError, save_config, to_dict
@@ -36,6 +36,8 @@ class MaskConfig:
 
 @dataclass
 class PretrainConfig:
+    RECIPES: ClassVar[Path] = Path(__file__).parent / "recipes"
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)

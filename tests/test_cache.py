@@ -92,7 +92,7 @@ def _folder_with_bad_inputs(root: Path) -> str:
 
 
 def test_bad_inputs_go_to_errors_and_counts_add_up(ray_local, tok_dir, tmp_path, capsys):
-    from pipeline.cli import main
+    from mimflow.cli import main
 
     spec = _folder_with_bad_inputs(tmp_path / "imgs")
     out = tmp_path / "cache"

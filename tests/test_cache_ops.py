@@ -39,7 +39,7 @@ def _folder(root: Path, n: int = 12) -> str:
 
 
 def test_refresh_noop_new_tokenizer_and_gc(ray_local, toks, tmp_path, capsys):
-    from pipeline.cli import main
+    from mimflow.cli import main
 
     spec = _folder(tmp_path / "imgs")
     out = tmp_path / "out"
@@ -92,7 +92,7 @@ def test_refresh_after_source_change_rebuilds_only_stale_shards(ray_local, toks,
 
 
 def test_verify_catches_truncated_shard_and_flipped_byte(built, tmp_path, capsys):
-    from pipeline.cli import main
+    from mimflow.cli import main
 
     ok = verify_cache(built)
     assert ok.ok and ok.samples == 24 and ok.shards == 3, ok.summary()
@@ -140,7 +140,7 @@ def test_verify_catches_duplicates_and_bad_tokens(built, tmp_path):
 
 
 def test_show_writes_image_token_map_and_decode(built, tmp_path, capsys):
-    from pipeline.cli import main
+    from mimflow.cli import main
 
     info, _ = check_cache(built)
     key = read_cache(built)[3].key

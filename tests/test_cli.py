@@ -8,7 +8,7 @@ STAGES = ["data", "tokenizer", "tokens", "pretrain", "codebook", "eval", "run", 
 
 def test_help_lists_every_stage_without_loading_torch():
     code = (
-        "import sys, pipeline.cli as c; p = c.build_parser(); "
+        "import sys, mimflow.cli as c; p = c.build_parser(); "
         "print(p.format_help()); print('TORCH' if 'torch' in sys.modules else 'LEAN')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -18,7 +18,7 @@ def test_help_lists_every_stage_without_loading_torch():
 
 
 def test_each_stage_has_help():
-    from pipeline.cli import build_parser
+    from mimflow.cli import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from eval.codebook.report import choose_mosaic_codes, codebook_report, pick_agreement_shards
-from pipeline.cli import StageError, main
+from pipeline.errors import StageError
+from mimflow.cli import main
 from pipeline.images import encode_png
 from pipeline.shards import CacheError, encode_sample, shard_name, write_manifest, write_shard
 from pipeline.views import centre_view

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import ClassVar, Literal
 
 import pytest
 import yaml
@@ -74,9 +76,18 @@ def test_override_syntax_error():
         apply_overrides({}, ["workers"])
 
 
-def test_missing_recipe_lists_packaged_ones():
-    with pytest.raises(ConfigError, match="no pretrain recipe named 'nope'"):
-        load_config(Stage, "nope", stage="pretrain")
+def test_missing_recipe_lists_packaged_ones(tmp_path):
+    recipes = tmp_path / "pretrain" / "recipes"
+    recipes.mkdir(parents=True)
+    (recipes / "demo.yaml").write_text("workers: 2\n")
+
+    @dataclasses.dataclass
+    class Owned(Stage):
+        RECIPES: ClassVar[Path] = recipes
+
+    assert load_config(Owned, "demo").workers == 2
+    with pytest.raises(ConfigError, match="no pretrain recipe named 'demu'; packaged recipes: demo \\(did you mean demo"):
+        load_config(Owned, "demu")
 
 
 def test_save_round_trip(tmp_path):

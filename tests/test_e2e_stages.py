@@ -89,7 +89,7 @@ def _stage1_recipe(work: Path) -> Path:
 
 @pytest.mark.timeout(420)
 def test_stage1_then_stage2_through_ray_job_submit(cluster, work):
-    from pipeline.cli import main as mimflow
+    from mimflow.cli import main as mimflow
     from pretrain.export import load_encoder
     from tokenizer.cache_verify import verify_cache
 

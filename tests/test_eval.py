@@ -172,7 +172,7 @@ def test_label_fraction_is_class_balanced_and_deterministic():
 def test_unlabelled_source_is_refused(tmp_path, tiny_encoder):
     from eval.evaluate import EvalConfig, run_eval
     from eval.features import EvalError
-    from pipeline.cli import main
+    from mimflow.cli import main
 
     flat = write_png_folder(tmp_path / "flat", {".": 3})
     cfg = EvalConfig(encoder=str(tiny_encoder), train_source=str(flat), out=str(tmp_path / "out"))
@@ -293,7 +293,7 @@ def test_run_eval_writes_results_and_table(tmp_path, tiny_encoder):
 
 def test_cli_quick_flags_and_recipe(tmp_path):
     from eval.eval_cli import config_from_args
-    from pipeline.cli import build_parser
+    from mimflow.cli import build_parser
     from pipeline.config import ConfigError
 
     parser = build_parser()

@@ -75,7 +75,7 @@ def test_load_encoder_accepts_exports_and_checkpoints(tmp_path):
 
 
 def test_mimflow_export_cli(tmp_path, capsys):
-    from pipeline.cli import main
+    from mimflow.cli import main
 
     _trained_checkpoint(tmp_path / "ckpt")
     assert main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "enc")]) == 0

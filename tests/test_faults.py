@@ -88,7 +88,7 @@ def test_train_worker_sigkill_restarts_from_checkpoint(ray_local, tmp_path):
 def _tokens_build(tok: str, out: str, n: int = 16, size: int = 16) -> tuple[int, str]:
     """`mimflow tokens build` in a subprocess (its own embedded Ray): (exit code, stderr)."""
     r = subprocess.run(
-        [sys.executable, "-m", "pipeline", "tokens", "build", "--tokenizer", tok,
+        [sys.executable, "-m", "mimflow", "tokens", "build", "--tokenizer", tok,
          "--source", f"shapes?n={n}&size={size}&partition_size={n}", "--out", out, "--num-cpus", "1",
          "--actors", "1"],
         capture_output=True, text=True, timeout=240, cwd=Path(__file__).resolve().parent.parent,

@@ -145,8 +145,8 @@ def test_dockerfiles_install_every_package_and_swap_faiss():
 def test_submit_command_per_stage(tmp_path):
     for stage, tail in (("tokenizer", ["python", "-m", "tokenizer"]), ("pretrain", ["python", "-m", "pretrain"]),
                         ("eval", ["python", "-m", "eval"]),
-                        ("codebook", ["python", "-m", "pipeline", "codebook", "report"]),
-                        ("refresh", ["python", "-m", "pipeline", "tokens", "refresh"])):
+                        ("codebook", ["python", "-m", "mimflow", "codebook", "report"]),
+                        ("refresh", ["python", "-m", "mimflow", "tokens", "refresh"])):
         cmd = sub.build_command(stage, ["--config", "demo"], address="http://127.0.0.1:1", submission_id="j1",
                                 working_dir=tmp_path, no_wait=True)
         cut = cmd.index("--")

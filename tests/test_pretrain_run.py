@@ -85,7 +85,7 @@ def test_two_workers_on_uneven_shards_then_stop_and_resume(ray_local, uneven_cac
 
 def test_stale_and_incomplete_caches_are_errors_naming_ids_and_the_fix(tmp_path, monkeypatch, capsys):
     import pretrain.train as train
-    from pipeline.cli import main
+    from mimflow.cli import main
 
     stale = tmp_path / "tokens" / "old"
     write_cache(str(stale), PatchColorTokenizer((4, 4), 32, levels=3), "shapes?n=8&size=32", [8])
@@ -129,14 +129,14 @@ def test_plan_checks_grid_batch_and_target(tmp_path):
 
 
 def test_recipes_load_and_match_the_published_hyperparameters():
-    v1 = load_config(PretrainConfig, "beit_base_patch16_224", stage="pretrain")
+    v1 = load_config(PretrainConfig, "beit_base_patch16_224")
     assert (v1.model.dim, v1.model.depth, v1.model.heads, v1.model.patch, v1.data.img_size) == (768, 12, 12, 16, 224)
     assert (v1.optim.lr, v1.data.batch_size, v1.epochs, v1.optim.weight_decay) == (1.5e-3, 2048, 800, 0.05)
     assert (v1.model.layer_scale, v1.model.drop_path, v1.mask.num_masked, v1.mask.min_block) == (0.1, 0.1, 75, 16)
     assert v1.model.head == "v1" and v1.optim.clip == 3.0 and v1.optim.warmup_epochs == 10
-    v2 = load_config(PretrainConfig, "beitv2_base_patch16_224", stage="pretrain")
+    v2 = load_config(PretrainConfig, "beitv2_base_patch16_224")
     assert v2.model.head == "v2" and v2.model.v2_layer == 9 and v2.model.v2_blocks == 2 and v2.epochs == 1600
-    demo = load_config(PretrainConfig, "demo", stage="pretrain")
+    demo = load_config(PretrainConfig, "demo")
     assert demo.data.img_size // demo.model.patch == 8 and not demo.use_gpu
 
 
@@ -208,7 +208,7 @@ def test_use_gpu_on_a_local_ray_without_gpu_is_a_clear_error(uneven_cache):
         sets = [a for s in (f"data.tokens={cache}", f"out={root / 'gpu-runs'}", "data.img_size=32", "model.patch=8",
                             "data.batch_size=8", "model.dim=32", "model.depth=2", "model.heads=2", *extra)
                 for a in ("--set", s)]
-        return subprocess.run([sys.executable, "-m", "pipeline", "pretrain", *sets, "--num-cpus", "1"],
+        return subprocess.run([sys.executable, "-m", "mimflow", "pretrain", *sets, "--num-cpus", "1"],
                               cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
 
     r = pretrain("use_gpu=true", "mask.num_masked=6")

@@ -4,7 +4,7 @@ import json
 
 from PIL import Image
 
-from pipeline.cli import main
+from mimflow.cli import main
 
 
 def test_preview_grid_and_summary(tmp_path, capsys):

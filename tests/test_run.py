@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import from_dict
-from pipeline.run import STAGES, RunConfig, run_pipeline
+from mimflow.run import STAGES, PipelineConfig, run_pipeline
 
 TOKENIZER = ["model.vocab_size=32", "model.grid=4", "model.input_size=16", "model.width=16", "model.depth=1",
              "model.num_heads=2", "model.code_dim=8", "epochs=1", "batch_size=16", "heldout_size=16",
@@ -20,8 +20,8 @@ PRETRAIN = ["data.img_size=16", "data.batch_size=8", "data.loader_workers=0", "d
 EVAL = ["methods=[knn]", "baseline=random", "k=5"]
 
 
-def _config(out, eval_set=EVAL) -> RunConfig:
-    return from_dict(RunConfig, {
+def _config(out, eval_set=EVAL) -> PipelineConfig:
+    return from_dict(PipelineConfig, {
         "out": str(out),
         "source": "shapes?n=64&size=16&partition_size=32",
         "test_source": "shapes?n=32&size=16&split=test",

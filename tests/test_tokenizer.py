@@ -272,10 +272,10 @@ def test_packaged_recipes_load_and_demo_is_vqkd_demo():
     from pipeline.config import list_recipes, to_dict
     from tokenizer.train_config import TokenizerTrainConfig
 
-    names = list_recipes("tokenizer")
+    names = list_recipes(TokenizerTrainConfig.RECIPES)
     for name in ("demo", "vqkd_demo", "dvae_demo", "vqkd_base", "dvae_base"):
         assert name in names
-    cfgs = {n: load_config(TokenizerTrainConfig, n, stage="tokenizer") for n in names}
+    cfgs = {n: load_config(TokenizerTrainConfig, n) for n in names}
     assert to_dict(cfgs["demo"]) == to_dict(cfgs["vqkd_demo"])
     assert cfgs["vqkd_base"].model.vocab_size == 8192 and cfgs["vqkd_base"].model.code_dim == 32
     assert (cfgs["vqkd_base"].model.width, cfgs["vqkd_base"].model.depth, cfgs["vqkd_base"].model.patch_size) == (768, 12, 16)

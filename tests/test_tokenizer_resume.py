@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ray_kill import kill_when_registered, registered_checkpoints  # noqa: E402
 from test_tokenizer_train import TINY_VQKD  # noqa: E402
 
-from pipeline.cli import StageError  # noqa: E402
+from pipeline.errors import StageError  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from tokenizer.base import load_tokenizer, tokenizer_id  # noqa: E402
 from tokenizer.train import train_tokenizer  # noqa: E402
@@ -68,8 +68,7 @@ def test_interrupted_vqkd_run_resumes_to_the_uninterrupted_result(ray_local, tmp
     # The reference: the same training, uninterrupted, in the driver process.
     ref_out = tmp_path / "reference"
     ref_cfg = load_config(TokenizerTrainConfig, "vqkd_demo",
-                          [*SETTINGS, "num_workers=0", f"out={ref_out}", f"storage_path={storage}", "run_name=reference"],
-                          stage="tokenizer")
+                          [*SETTINGS, "num_workers=0", f"out={ref_out}", f"storage_path={storage}", "run_name=reference"])
     train_tokenizer(ref_cfg, log=lambda s: None)
     ref = json.loads((ref_out / "train.json").read_text())
     assert [h["epoch"] for h in ref["history"]] == list(range(1, EPOCHS + 1))
@@ -78,8 +77,7 @@ def test_interrupted_vqkd_run_resumes_to_the_uninterrupted_result(ray_local, tmp
     # 1) one Ray Train worker, SIGKILLed after the checkpoint of epoch 4 is registered: the run fails.
     out = tmp_path / "tok"
     cfg = load_config(TokenizerTrainConfig, "vqkd_demo",
-                      [*SETTINGS, "num_workers=1", f"out={out}", f"storage_path={storage}", "run_name=interrupted"],
-                      stage="tokenizer")
+                      [*SETTINGS, "num_workers=1", f"out={out}", f"storage_path={storage}", "run_name=interrupted"])
     assert cfg.checkpoint_every == 1  # every epoch is checkpointed (the default)
     run_dir = storage / "interrupted"
     done, seen = threading.Event(), {}

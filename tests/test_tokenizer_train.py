@@ -57,7 +57,6 @@ def test_vqkd_ddp_two_workers(ray_local, tmp_path, capsys):
     cfg = load_config(
         TokenizerTrainConfig, "vqkd_demo",
         [*TINY_VQKD, "num_workers=2", f"out={out}", f"storage_path={tmp_path / 'ray'}", "run_name=vqkd-ddp"],
-        stage="tokenizer",
     )
     assert train_tokenizer(cfg) == out
     meta = _meta(out)
@@ -102,7 +101,7 @@ def test_vqkd_ddp_two_workers(ray_local, tmp_path, capsys):
 
 
 def test_dvae_via_cli_lowers_loss_and_saves_reconstructions(ray_local, tmp_path, capsys):
-    from pipeline.cli import main
+    from mimflow.cli import main
 
     out = tmp_path / "dvae"
     args = ["tokenizer", "train", "--config", "dvae_demo"]
@@ -124,7 +123,7 @@ def test_dvae_via_cli_lowers_loss_and_saves_reconstructions(ray_local, tmp_path,
 
 
 def test_cli_errors_name_the_field(tmp_path, capsys):
-    from pipeline.cli import main
+    from mimflow.cli import main
 
     assert main(["tokenizer", "train", "--config", "vqkd_demo", "--set", "model.vocab_size=1"]) == 2
     assert "vocab_size" in capsys.readouterr().err
@@ -155,7 +154,6 @@ def test_bad_inputs_are_counted_and_skipped(ray_local, tmp_path):
         TokenizerTrainConfig, "vqkd_demo",
         [*TINY_VQKD, f"source={src}", "epochs=1", "num_workers=0", "heldout_size=8", f"out={out}",
          f"storage_path={tmp_path / 'ray'}"],
-        stage="tokenizer",
     )
     train_tokenizer(cfg)
     meta = _meta(out)

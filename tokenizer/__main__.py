@@ -17,7 +17,7 @@ from typing import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pipeline.cli import add_config_arguments, run_command
+    from pipeline.command import add_config_arguments, run_command
     from pipeline.ray_context import add_ray_arguments
 
     parser = argparse.ArgumentParser(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 SOURCE_HELP = "source spec: a folder, WebDataset tars (s-{000..009}.tar), idx:DIR or shapes?n=..&size=.."
 
@@ -147,9 +146,3 @@ def register_tokens(sub) -> None:
     p.add_argument("out", help="cache root")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_list)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from pipeline.cli import main
-
-    sys.exit(main(["tokens", *sys.argv[1:]]))

@@ -6,7 +6,7 @@ import argparse
 
 
 def register(sub) -> None:
-    from pipeline.cli import add_config_arguments
+    from pipeline.command import add_config_arguments
     from pipeline.ray_context import add_ray_arguments
 
     p = sub.add_parser("tokenizer", help="train a visual tokenizer (dVAE or VQ-KD)")
@@ -32,7 +32,7 @@ def _train(args: argparse.Namespace) -> int:
     from tokenizer.train import train_tokenizer
     from tokenizer.train_config import TokenizerTrainConfig
 
-    cfg = load_config(TokenizerTrainConfig, args.config, args.overrides, stage="tokenizer")
+    cfg = load_config(TokenizerTrainConfig, args.config, args.overrides)
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0

@@ -50,7 +50,7 @@ def load_stage1_config(recipe: str | Path | None, overrides: Sequence[str] = ())
     data: dict[str, Any] = {}
     where = "defaults"
     if recipe is not None:
-        path = resolve_recipe(recipe, "tokenizer")
+        path = resolve_recipe(recipe, TokenizerTrainConfig.RECIPES)
         where = str(path)
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):

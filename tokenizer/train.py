@@ -59,7 +59,7 @@ def current_tokenizer(out: str, fingerprint: str) -> dict[str, Any] | None:
 def train_tokenizer(cfg: TokenizerTrainConfig, address: str | None = None, log: Callable[[str], None] = print) -> Path:
     """Train (or reuse) the tokenizer described by ``cfg``; returns its directory (``cfg.out``)."""
     from pipeline import storage
-    from pipeline.cli import StageError
+    from pipeline.errors import StageError
     from pipeline.ray_context import ray_session, require_gpu
     from pipeline.sources import open_source
 
@@ -150,7 +150,7 @@ def _fit(cfg: TokenizerTrainConfig, plan: Plan, fingerprint: str, run_name: str,
     from ray.train import CheckpointConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.cli import StageError
+    from pipeline.errors import StageError
 
     resources: dict[str, float] = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlencode
 
 from pipeline.config import to_dict
@@ -23,6 +24,8 @@ _EXECUTION_FIELDS = (
 
 @dataclass
 class TokenizerTrainConfig:
+    RECIPES: ClassVar[Path] = Path(__file__).parent / "recipes"
+
     source: str = "shapes?n=2000&size=64&split=train"
     out: str = "out/tokenizer"
     model: TokenizerConfig = field(default_factory=TokenizerConfig)

@@ -7,7 +7,7 @@ import argparse
 
 def cmd_report(args: argparse.Namespace) -> int:
     from eval.codebook.report import codebook_report
-    from pipeline.cli import StageError
+    from pipeline.errors import StageError
     from pipeline.shards import CacheError
 
     try:

@@ -10,7 +10,7 @@ import numpy as np
 
 from eval.codebook.stats import js_divergence
 from pipeline import storage
-from pipeline.cli import StageError
+from pipeline.errors import StageError
 
 # (label, path into report.json, True when higher is better / None when neutral)
 # the rows the terminal summary prints (the HTML and report.json have all of them)

@@ -21,7 +21,7 @@ from eval.codebook.agreement import pick_agreement_shards, run_agreement  # noqa
 from eval.codebook.geometry import run_geometry
 from eval.codebook.ray_util import gather, remote
 from pipeline import storage
-from pipeline.cli import StageError
+from pipeline.errors import StageError
 from pipeline.shards import CACHE_INFO, MANIFEST, CacheError, check_cache, shard_urls
 
 

@@ -5,19 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.cli import add_config_arguments
+from pipeline.command import add_config_arguments
 from pipeline.ray_context import add_ray_arguments
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.run import RunConfig, run_pipeline
-    from pipeline.summary import print_summary
+    from mimflow.run import PipelineConfig, run_pipeline
+    from mimflow.summary import print_summary
 
     overrides = list(args.overrides)
     if getattr(args, "out", None):
         overrides.append(f"out={args.out}")
-    cfg = load_config(RunConfig, args.config, overrides, stage="run")
+    cfg = load_config(PipelineConfig, args.config, overrides)
     results = run_pipeline(cfg, address=args.address)
     print_summary(results)
     if args.json:

@@ -12,7 +12,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from pipeline import storage
 from pipeline.config import load_config, save_config, to_dict
@@ -25,7 +25,11 @@ class StageRecipe:
 
 
 @dataclass
-class RunConfig:
+class PipelineConfig:
+    """``mimflow run``: which stages, on what data, with which recipe of each."""
+
+    RECIPES: ClassVar[Path] = Path(__file__).parent / "recipes"
+
     out: str = "runs/demo"
     source: str = "shapes?n=2000&size=64&split=train"
     test_source: str | None = "shapes?n=500&size=64&split=test"
@@ -89,7 +93,7 @@ def _stage(stamps: Stamps, name: str, key: str, work: Callable[[], dict[str, Any
     return outputs, False
 
 
-def run_pipeline(cfg: RunConfig, address: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_pipeline(cfg: PipelineConfig, address: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or skip) every stage; returns the outputs of each and a summary."""
     from eval.codebook.report import codebook_report
     from eval.evaluate import EvalConfig, run_eval
@@ -114,7 +118,6 @@ def run_pipeline(cfg: RunConfig, address: str | None = None, log: Callable[[str]
     tok_cfg = load_config(
         TokenizerTrainConfig, cfg.tokenizer.recipe,
         [*cfg.tokenizer.set, f"source={cfg.source}", f"out={out / 'tokenizer'}", f"storage_path={out / 'ray'}"],
-        stage="tokenizer",
     )
     pre_cfg = None
     with ray_session(address):
@@ -156,7 +159,6 @@ def run_pipeline(cfg: RunConfig, address: str | None = None, log: Callable[[str]
         pre_cfg = load_config(
             PretrainConfig, cfg.pretrain.recipe,
             [*cfg.pretrain.set, f"data.tokens={cache_dir}", f"data.tokenizer={tok_dir}", f"out={out / 'pretrain'}"],
-            stage="pretrain",
         )
         if "pretrain" in cfg.stages:
             def pretrain() -> dict[str, Any]:
@@ -175,7 +177,6 @@ def run_pipeline(cfg: RunConfig, address: str | None = None, log: Callable[[str]
                 EvalConfig, cfg.eval.recipe,
                 [*cfg.eval.set, f"encoder={encoder}", f"train_source={cfg.source}",
                  f"test_source={cfg.test_source}", f"out={out / 'eval'}"],
-                stage="eval",
             )
             outputs, skipped = _stage(
                 stamps, "eval", _digest(to_dict(ev_cfg), file_digest(encoder / "model.safetensors")),
