@@ -73,7 +73,7 @@ def model_config(spec: dict[str, Any] | str):
 
     if isinstance(spec, str) and spec.startswith("recipe:"):
         from pipeline.config import load_config
-        from pretrain.train import PretrainConfig
+        from pretrain.config import PretrainConfig
 
         return load_config(PretrainConfig, spec.split(":", 1)[1]).model
     return ModelConfig(**spec)

@@ -20,7 +20,8 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
 def pretrain_command(args: argparse.Namespace) -> int:
     from pipeline.config import dump_config, load_config
     from pipeline.shards import CacheError
-    from pretrain.train import PretrainConfig, run_pretrain
+    from pretrain.config import PretrainConfig
+    from pretrain.train import run_pretrain
 
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     if args.print_config:

@@ -117,7 +117,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from pretrain.masking import make_masker
     from pretrain.model import build_model
     from pretrain.optim import make_optimizer, make_scheduler
-    from pretrain.train import PretrainConfig, RunPlan
+    from pretrain.config import PretrainConfig
+    from pretrain.train import RunPlan
 
     quiet_train_worker_logs()
     cfg: PretrainConfig = from_dict(PretrainConfig, config["cfg"])

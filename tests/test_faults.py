@@ -22,7 +22,8 @@ from pipeline import storage  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pretrain.checkpoint import read_metrics, read_state  # noqa: E402
 from pretrain.synthetic import PatchColorTokenizer, write_cache  # noqa: E402
-from pretrain.train import PretrainConfig, run_pretrain  # noqa: E402
+from pretrain.config import PretrainConfig  # noqa: E402
+from pretrain.train import run_pretrain  # noqa: E402
 
 TOK = PatchColorTokenizer((4, 4), 32)
 STEPS = 40

@@ -12,7 +12,8 @@ from pipeline.shards import CacheError
 from pretrain.checkpoint import read_metrics, read_state
 from pretrain.optim import WarmupCosine
 from pretrain.synthetic import PatchColorTokenizer, write_cache
-from pretrain.train import PretrainConfig, plan_run, run_pretrain
+from pretrain.config import PretrainConfig
+from pretrain.train import plan_run, run_pretrain
 
 TOK = PatchColorTokenizer((4, 4), 32)
 
