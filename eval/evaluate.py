@@ -67,21 +67,6 @@ def inputs_fingerprint(cfg: EvalConfig, encoder_id: str) -> str:
     return h.hexdigest()[:16]
 
 
-def current_result(cfg: EvalConfig) -> dict | None:
-    """The existing ``<out>/eval.json`` when it was made from the same inputs (for ``mimflow run``), else None."""
-    from eval.features import load_encoder
-
-    path = storage.join(_resolve_out(cfg.out), "eval.json")
-    if not storage.exists(path) or not cfg.encoder or not storage.exists(cfg.encoder):
-        return None
-    try:
-        doc = json.loads(storage.read_bytes(path))
-    except (ValueError, OSError):
-        return None
-    enc = load_encoder(cfg.encoder)
-    return doc if doc.get("inputs") == inputs_fingerprint(cfg, enc.encoder_id) else None
-
-
 def run_eval(cfg: EvalConfig, address: str | None = None, *, num_cpus: int | None = None, verbose: bool = True) -> dict:
     """Evaluate ``cfg.encoder`` (and the random baseline); write and return the ``eval.json`` document."""
     from eval.features import (

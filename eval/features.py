@@ -69,11 +69,7 @@ def _config_dict(cfg: Any) -> dict[str, Any]:
         return dict(cfg)
     import dataclasses
 
-    if dataclasses.is_dataclass(cfg):
-        return dataclasses.asdict(cfg)
-    if hasattr(cfg, "to_dict"):
-        return dict(cfg.to_dict())
-    return dict(vars(cfg))
+    return dataclasses.asdict(cfg)
 
 
 def _canonical(cfg: dict[str, Any]) -> str:

@@ -27,7 +27,7 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         lines.append(f"codebook report:  {results['codebook']['html']}")
     metrics = results.get("pretrain", {}).get("metrics") or {}
     if metrics:
-        acc = metrics.get("mim_acc", metrics.get("acc"))
+        acc = metrics.get("acc")
         lines.append(
             f"pretraining:      {metrics.get('step', '?')} steps, final loss {metrics.get('loss', float('nan')):.3f}"
             + (f", masked-token accuracy {_pct(acc)}" if acc is not None else "")

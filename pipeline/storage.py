@@ -76,11 +76,6 @@ def read_bytes(location: str | os.PathLike) -> bytes:
         raise FileNotFoundError(f"file not found: {location}") from None
 
 
-def open_input(location: str | os.PathLike) -> IO[bytes]:
-    fs, path = resolve(location)
-    return fs.open_input_file(path)
-
-
 def remove(location: str | os.PathLike) -> None:
     fs, path = resolve(location)
     info = fs.get_file_info(path)

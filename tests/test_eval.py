@@ -274,14 +274,16 @@ def test_run_eval_writes_results_and_table(tmp_path, tiny_encoder):
     table = format_table(doc)
     assert "kNN (k=20, T=0.07)" in table and "linear probe" in table and "Δ" in table
     assert (tmp_path / "out" / "config.yaml").is_file()
-    # `mimflow run` can ask whether the result is current: yes for the same inputs, no once one changes
+    # the inputs fingerprint names exactly what the result depends on
     from dataclasses import replace
 
-    from eval.evaluate import current_result
+    from eval.evaluate import inputs_fingerprint
+    from eval.features import load_encoder
 
-    assert current_result(cfg)["inputs"] == doc["inputs"]
-    assert current_result(replace(cfg, k=5)) is None
-    assert current_result(replace(cfg, train_source="shapes?n=61&size=32")) is None
+    enc_id = load_encoder(cfg.encoder).encoder_id
+    assert inputs_fingerprint(cfg, enc_id) == doc["inputs"]
+    assert inputs_fingerprint(replace(cfg, k=5), enc_id) != doc["inputs"]
+    assert inputs_fingerprint(replace(cfg, train_source="shapes?n=61&size=32"), enc_id) != doc["inputs"]
     # second run: every feature comes from the cache
     assert not doc["features"]["entries"]["pretrained"]["train"]["cached"]
     again = run_eval(cfg, verbose=False)

@@ -64,24 +64,13 @@ def load_stage1_config(recipe: str | Path | None, overrides: Sequence[str] = ())
         raise ConfigError(f"{where}: {e}") from None
 
 
-def tokenizer_source(cfg: Any) -> str | None:
-    """The source spec a TokenizerTrainConfig trains on (``source`` or ``data.source``)."""
-    for path in (("source",), ("data", "source"), ("data", "spec")):
-        node = cfg
-        for name in path:
-            node = getattr(node, name, None)
-        if isinstance(node, (str, Path)):
-            return str(node)
-    return None
-
-
 def run_stage1(cfg: Stage1Config, address: str | None = None, num_cpus: int | None = None) -> dict[str, Any]:
     """Train (or reuse) the tokenizer, then build (or resume, or confirm) its token cache."""
     from pipeline.ray_context import ray_session
     from tokenizer.precompute import run_build
     from tokenizer.train import train_tokenizer
 
-    source = cfg.tokens.source or tokenizer_source(cfg.tokenizer)
+    source = cfg.tokens.source or cfg.tokenizer.source
     if not source:
         raise ConfigError("tokens.source is not set and the tokenizer config names no source")
     with ray_session(address, num_cpus):
