@@ -1,5 +1,5 @@
 """The layering holds: no import cycle among the project's modules, the core imports no stage, one
-module constructs Ray Train's ``TorchTrainer``, and ``mimflow --help`` loads no torch."""
+module constructs Ray Train's ``TorchTrainer`` (``tests/test_cli.py`` checks that ``--help`` loads no torch)."""
 
 from __future__ import annotations
 
