@@ -26,6 +26,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from pipeline import storage
 from pipeline.images import decode_rgb
 from pipeline.shards import decode_sample
 from pipeline.views import View, render_view
@@ -143,6 +144,7 @@ def make_dataset(urls: list[str], transform: SampleTransform, batch_size: int, *
     """An endless stream of batches (resampled shards → shuffle → transform → batch) for one rank."""
     import webdataset as wds
 
+    storage.register_webdataset_schemes()  # shards may live in a bucket
     ds = wds.WebDataset(
         list(urls),
         resampled=True,
