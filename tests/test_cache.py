@@ -16,8 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.images import decode_rgb, encode_png, to_tensor
+from pipeline.images import decode_rgb, encode_png
 from pipeline.shards import check_cache, decode_sample, shard_urls
+from pipeline.tensors import to_tensor
 from pipeline.views import render_view
 from test_cache_support import make_tokenizer, manifest_without_time, read_cache
 from tokenizer.precompute import build_cache, run_build
