@@ -54,7 +54,7 @@ class IdxSource(Source):
                 st = path.stat()
                 yield f"{path.resolve()}\t{st.st_size}\t{st.st_mtime_ns}"
 
-    def _ref_key(self, ref: int) -> str:
+    def _key(self, ref: int) -> str:
         return f"{self.split}-{ref:06d}"
 
     def _ref_origin(self, ref: int) -> str:
@@ -63,7 +63,7 @@ class IdxSource(Source):
     def _load(self, ref) -> Item:
         label = int(self._labels[ref]) if self._labels is not None else None
         data = encode_png(self._images[ref])  # IDX has no image encoding: lossless PNG
-        return Sample(self._ref_key(ref), data, "png", label, self._ref_origin(ref))
+        return Sample(self._key(ref), data, "png", label, self._ref_origin(ref))
 
 
 def _read_idx(path: Path, expect_dims: int) -> np.ndarray:

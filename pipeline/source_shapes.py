@@ -31,7 +31,7 @@ class ShapesSource(Source):
 
         yield f"shapes\tv{GENERATOR_VERSION}\t{self.n}\t{self.size}\t{self.seed}\t{self.split}"
 
-    def _ref_key(self, ref: int) -> str:
+    def _key(self, ref: int) -> str:
         return f"{self.split}-{ref:06d}"
 
     def _ref_origin(self, ref: int) -> str:
@@ -41,4 +41,4 @@ class ShapesSource(Source):
         from pipeline.shapes import render_shape
 
         pixels, label = render_shape(ref, size=self.size, seed=self.seed, split=self.split)
-        return Sample(self._ref_key(ref), encode_png(pixels), "png", label, self._ref_origin(ref))
+        return Sample(self._key(ref), encode_png(pixels), "png", label, self._ref_origin(ref))

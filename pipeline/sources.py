@@ -203,7 +203,7 @@ class Source:
 
     def keys(self) -> list[str]:
         """Every item's key in listing order, without reading any item."""
-        return [self._ref_key(ref) for ref in self._listing]
+        return [self._key(ref) for ref in self._listing]
 
     def fingerprint(self) -> str:
         """Changes when the listing changes (names, sizes, mtimes, generator parameters, subset)."""
@@ -218,7 +218,7 @@ class Source:
         """Once a reader has listed everything: refuse duplicate keys, then take the subset."""
         seen: dict[str, object] = {}
         for ref in self._listing:
-            key = self._ref_key(ref)
+            key = self._key(ref)
             if key in seen:
                 raise SourceError(
                     f"two items map to key {key!r}: {self._ref_origin(seen[key])} and {self._ref_origin(ref)}"
@@ -232,8 +232,9 @@ class Source:
         cls = f"{len(self.classes)} classes" if self.classes else "unlabelled"
         return f"{self.kind} source {self.spec!r}: {len(self)} items, {cls}, {len(self.partitions())} partitions"
 
-    def _ref_key(self, ref) -> str:
-        return ref.key  # folder and tar refs carry their key; idx and shapes override
+    def _key(self, ref) -> str:
+        """The key ``_load(ref)`` gives its item, without reading it (folder and tar refs carry it)."""
+        return ref.key
 
     def _ref_origin(self, ref) -> str:
         return ref.origin
