@@ -128,14 +128,17 @@ class TarSource(Source):
     def _scan_classes(self) -> list[str]:
         """Class ids seen in valid ``cls`` members (reads those small members only, not the images)."""
         seen: set[int] = set()
-        for tar_index, path in enumerate(self.paths):
-            with tarfile.open(path) as tf:
-                for e in self._listing:
-                    if e.tar_index == tar_index and "cls" in e.members:
-                        try:
-                            seen.add(parse_label(tf.extractfile(e.members["cls"]).read()))
-                        except (ValueError, OSError, tarfile.TarError):
-                            pass  # reported as BadInput when the sample is read
+        by_tar: dict[int, list[_Entry]] = {}
+        for e in self._listing:
+            if "cls" in e.members:
+                by_tar.setdefault(e.tar_index, []).append(e)
+        for tar_index, entries in by_tar.items():
+            with tarfile.open(self.paths[tar_index]) as tf:
+                for e in entries:
+                    try:
+                        seen.add(parse_label(tf.extractfile(e.members["cls"]).read()))
+                    except (ValueError, OSError, tarfile.TarError):
+                        pass  # reported as BadInput when the sample is read
         return [str(i) for i in range(max(seen) + 1)] if seen else []
 
     def _fingerprint_lines(self) -> Iterator[str]:
