@@ -11,11 +11,11 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
-from urllib.parse import parse_qsl, urlencode
 
 import numpy as np
 
 from eval.eval_config import EvalError
+from pipeline.sources import split_spec, with_params
 
 
 @dataclass(frozen=True)
@@ -38,13 +38,6 @@ def is_test_key(key: str, fraction: float) -> bool:
     return h / 2.0**64 < fraction
 
 
-def _with_params(spec: str, **changes: str) -> str:
-    body, _, query = spec.partition("?")
-    params = dict(parse_qsl(query, keep_blank_values=True))
-    params.update(changes)
-    return body + "?" + urlencode(params, safe="/:{},.*")
-
-
 def resolve_split(train_spec: str, test_spec: str | None, test_fraction: float = 0.2) -> SplitPlan:
     """Where the test set comes from; refuses unlabelled sources (``EvalError``)."""
     from eval.features import open_labelled
@@ -53,15 +46,15 @@ def resolve_split(train_spec: str, test_spec: str | None, test_fraction: float =
     if test_spec:
         open_labelled(test_spec)
         return SplitPlan(train_spec, test_spec, "given")
-    params = dict(parse_qsl(train_spec.partition("?")[2], keep_blank_values=True))
+    params = split_spec(train_spec)[1]
     candidates: list[tuple[str, str]] = []
     if train.kind in ("shapes", "idx") and params.get("split", "train") == "train":
-        candidates = [(_with_params(train_spec, split="train"), _with_params(train_spec, split="test"))]
+        candidates = [(with_params(train_spec, split="train"), with_params(train_spec, split="test"))]
     elif train.kind == "folder" and "split" not in params:
         root = Path(train.root)
         if (root / "train").is_dir():
             candidates = [
-                (_with_params(train_spec, split="train"), _with_params(train_spec, split=name))
+                (with_params(train_spec, split="train"), with_params(train_spec, split=name))
                 for name in ("val", "test")
                 if (root / name).is_dir()
             ]

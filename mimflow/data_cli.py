@@ -107,7 +107,8 @@ def register(sub) -> None:
     p = data_sub.add_parser(
         "preview",
         help="write a labelled grid of samples and print counts, classes, sizes and errors",
-        description="SOURCE: a folder, WebDataset tars (a.tar, s-{000..009}.tar), idx:DIR, or shapes?n=..&size=..",
+        description="SOURCE: a folder, WebDataset tars (a.tar, s-{000..009}.tar), idx:DIR, or shapes?n=..&size=..; "
+        "any of them with ?n=N (the first N items) or ?sample=N&subset_seed=S (a seeded random N).",
     )
     p.add_argument("source", help="source spec")
     p.add_argument("--out", default="preview.png", help="grid image to write (default: preview.png)")

@@ -54,10 +54,16 @@ class IdxSource(Source):
                 st = path.stat()
                 yield f"{path.resolve()}\t{st.st_size}\t{st.st_mtime_ns}"
 
+    def _key(self, ref: int) -> str:
+        return f"{self.split}-{ref:06d}"
+
+    def _ref_origin(self, ref: int) -> str:
+        return f"{self.images_path}[{ref}]"
+
     def _load(self, ref) -> Item:
         label = int(self._labels[ref]) if self._labels is not None else None
         data = encode_png(self._images[ref])  # IDX has no image encoding: lossless PNG
-        return Sample(f"{self.split}-{ref:06d}", data, "png", label, f"{self.images_path}[{ref}]")
+        return Sample(self._key(ref), data, "png", label, self._ref_origin(ref))
 
 
 def _read_idx(path: Path, expect_dims: int) -> np.ndarray:

@@ -17,7 +17,9 @@ class ShapesSource(Source):
         from pipeline.shapes import CLASSES
 
         super().__init__(spec, params, partition_size)
-        self.n = int(self.params.pop("n", 2000))
+        # Item i does not depend on how many are drawn, so ``n`` (the base class's first-N subset)
+        # is also how many to generate.
+        self.n = self.subset.n or 2000
         self.size = int(self.params.pop("size", 64))
         self.seed = int(self.params.pop("seed", 0))
         self.split = self.params.pop("split", "train")
@@ -29,9 +31,14 @@ class ShapesSource(Source):
 
         yield f"shapes\tv{GENERATOR_VERSION}\t{self.n}\t{self.size}\t{self.seed}\t{self.split}"
 
+    def _key(self, ref: int) -> str:
+        return f"{self.split}-{ref:06d}"
+
+    def _ref_origin(self, ref: int) -> str:
+        return f"shapes[{self.split}:{ref}]"
+
     def _load(self, ref) -> Item:
         from pipeline.shapes import render_shape
 
         pixels, label = render_shape(ref, size=self.size, seed=self.seed, split=self.split)
-        key = f"{self.split}-{ref:06d}"
-        return Sample(key, encode_png(pixels), "png", label, f"shapes[{self.split}:{ref}]")
+        return Sample(self._key(ref), encode_png(pixels), "png", label, self._ref_origin(ref))

@@ -2,13 +2,42 @@
 
 from __future__ import annotations
 
+import os
 import re
 import tarfile
-from pathlib import Path
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from pipeline.images import IMAGE_EXTENSIONS
-from pipeline.sources import BadInput, Item, Partition, Sample, Source, SourceError, safe_key
+from pipeline.sources import BadInput, Item, Partition, Sample, Source, SourceError, is_hidden, make_key, parse_label
+
+# WebDataset's grouping rule: the key is the member name up to the first dot of its last component.
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+
+
+@dataclass(frozen=True)
+class _Entry:
+    key: str
+    tar_index: int
+    stem: str  # the WebDataset key inside the tar (or, for a bad member, the member's name)
+    origin: str
+    members: dict = field(default_factory=dict)  # ext -> TarInfo
+    error: str | None = None  # a member that is an error row when listed (link, unsafe path, ...)
+
+
+def _member_problem(member: tarfile.TarInfo, name: str) -> str | None:
+    """Why a non-hidden member cannot be a sample's part, or None."""
+    parts = PurePosixPath(name).parts
+    if name.startswith("/") or ".." in parts:
+        return f"unsafe path {member.name!r} in tar (absolute or with '..'): not read"
+    if member.issym():
+        return f"symlink member (-> {member.linkname!r}): not followed"
+    if member.islnk():
+        return f"hard link member (-> {member.linkname!r}): not followed"
+    if not member.isfile():
+        return "not a regular file member (device, fifo, ...)"
+    return None
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -28,7 +57,11 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 class TarSource(Source):
-    """Existing WebDataset tars: samples are members grouped by key; ``cls`` gives the label."""
+    """Existing WebDataset tars: samples are members grouped by key; ``cls`` gives the label.
+
+    Hidden members are skipped (``is_hidden``); links, devices, unsafe paths (absolute or with
+    ``..``) and duplicate members are each an error row naming the member.
+    """
 
     kind = "webdataset"
 
@@ -48,38 +81,64 @@ class TarSource(Source):
         if not paths:
             raise SourceError(f"no tar files match {location!r}")
         self.paths = paths
-        listing: list = []
-        labelled = False
+        # A key hashes the tar's path relative to the tars' common folder + the member's key, so the
+        # same key in two tars gives two keys, and moving the whole set of tars changes none.
+        base = os.path.commonpath([str(p.resolve().parent) for p in paths])
+        listing: list[_Entry] = []
         for tar_index, path in enumerate(paths):
-            groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+            tar_id = os.path.relpath(path.resolve(), base)
             try:
-                with tarfile.open(path) as tf:
-                    for member in tf.getmembers():
-                        if not member.isfile():
-                            continue
-                        base = member.name
-                        stem, _, ext = base.partition(".")
-                        groups.setdefault(stem, {})[ext.lower()] = member
+                listing.extend(self._list_tar(tar_index, path, tar_id))
             except (tarfile.TarError, OSError) as e:
                 raise SourceError(f"cannot read tar {path}: {e}") from None
-            for stem, members in groups.items():
-                listing.append((tar_index, stem, members))
-                labelled = labelled or "cls" in members
         self._listing = listing
-        if labelled:
+        if any("cls" in e.members for e in listing):
             self.classes = self._scan_classes()
 
+    @staticmethod
+    def _list_tar(tar_index: int, path: Path, tar_id: str) -> list[_Entry]:
+        groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+        out: list = []  # entries, and group stems as placeholders to keep member order
+        with tarfile.open(path) as tf:
+            for member in tf.getmembers():
+                name = member.name
+                while name.startswith("./"):
+                    name = name[2:]
+                if member.isdir() or not name or is_hidden(PurePosixPath(name).parts):
+                    continue
+                problem = _member_problem(member, name)
+                m = _KEY_EXT.match(name)
+                stem, ext = (m.group(1), m.group(2).lower()) if m else (name, "")
+                if problem is None and ext in groups.get(stem, {}):
+                    problem = f"duplicate member {member.name!r} in tar: only the first is read"
+                if problem is not None:
+                    ident = f"{tar_id}#member:{member.name}"
+                    out.append(_Entry(make_key(ident, name), tar_index, member.name, f"{path}#{member.name}",
+                                      error=problem))
+                    continue
+                if stem not in groups:
+                    groups[stem] = {}
+                    out.append(stem)
+                groups[stem][ext] = member
+        return [
+            e if isinstance(e, _Entry) else _Entry(make_key(f"{tar_id}#{e}", e), tar_index, e, f"{path}#{e}", groups[e])
+            for e in out
+        ]
+
     def _scan_classes(self) -> list[str]:
-        """Class ids seen in the ``cls`` members (reads those small members only, not the images)."""
+        """Class ids seen in valid ``cls`` members (reads those small members only, not the images)."""
         seen: set[int] = set()
-        for tar_index, path in enumerate(self.paths):
-            with tarfile.open(path) as tf:
-                for _, stem, members in (r for r in self._listing if r[0] == tar_index):
-                    if "cls" in members:
-                        try:
-                            seen.add(int(tf.extractfile(members["cls"]).read().decode().strip()))
-                        except (ValueError, OSError, tarfile.TarError):
-                            pass  # reported as BadInput when the sample is read
+        by_tar: dict[int, list[_Entry]] = {}
+        for e in self._listing:
+            if "cls" in e.members:
+                by_tar.setdefault(e.tar_index, []).append(e)
+        for tar_index, entries in by_tar.items():
+            with tarfile.open(self.paths[tar_index]) as tf:
+                for e in entries:
+                    try:
+                        seen.add(parse_label(tf.extractfile(e.members["cls"]).read()))
+                    except (ValueError, OSError, tarfile.TarError):
+                        pass  # reported as BadInput when the sample is read
         return [str(i) for i in range(max(seen) + 1)] if seen else []
 
     def _fingerprint_lines(self) -> Iterator[str]:
@@ -91,31 +150,38 @@ class TarSource(Source):
         refs = self._listing[part.start : part.stop]
         open_tars: dict[int, tarfile.TarFile] = {}
         try:
-            for tar_index, stem, members in refs:
-                if tar_index not in open_tars:
-                    open_tars[tar_index] = tarfile.open(self.paths[tar_index])
-                yield self._read(open_tars[tar_index], self.paths[tar_index], stem, members)
+            for ref in refs:
+                if ref.error is None and ref.tar_index not in open_tars:
+                    open_tars[ref.tar_index] = tarfile.open(self.paths[ref.tar_index])
+                yield self._read(open_tars.get(ref.tar_index), ref)
         finally:
             for tf in open_tars.values():
                 tf.close()
 
-    def _load(self, ref) -> Item:
-        tar_index, stem, members = ref
-        with tarfile.open(self.paths[tar_index]) as tf:
-            return self._read(tf, self.paths[tar_index], stem, members)
+    def _load(self, ref: _Entry) -> Item:
+        if ref.error is not None:
+            return self._read(None, ref)
+        with tarfile.open(self.paths[ref.tar_index]) as tf:
+            return self._read(tf, ref)
 
-    def _read(self, tf: tarfile.TarFile, path: Path, stem: str, members: dict) -> Item:
-        key = safe_key(stem)
-        origin = f"{path}#{stem}"
+    def _read(self, tf: tarfile.TarFile | None, ref: _Entry) -> Item:
+        key, origin, members = ref.key, ref.origin, ref.members
+        if ref.error is not None or tf is None:
+            return BadInput(key, origin, ref.error or "unreadable member")
         image_exts = [e for e in members if e in IMAGE_EXTENSIONS]
         if not image_exts:
-            return BadInput(key, origin, f"no image member (found: {', '.join(sorted(members))})")
+            return BadInput(key, origin, f"no image member (found: {', '.join(sorted(members)) or 'none'})")
         ext = image_exts[0]
         try:
             data = tf.extractfile(members[ext]).read()
-            label = None
-            if "cls" in members:
-                label = int(tf.extractfile(members["cls"]).read().decode().strip())
-        except (tarfile.TarError, OSError, ValueError) as e:
+        except (tarfile.TarError, OSError) as e:
             return BadInput(key, origin, f"cannot read member: {e}")
+        label = None
+        if "cls" in members:
+            try:
+                label = parse_label(tf.extractfile(members["cls"]).read())
+            except (tarfile.TarError, OSError) as e:
+                return BadInput(key, origin, f"cannot read label member: {e}")
+            except ValueError as e:
+                return BadInput(key, origin, f"bad label: {e}")
         return Sample(key, data, "jpg" if ext == "jpeg" else ext, label, origin)

@@ -6,10 +6,22 @@ A source is named by a spec string, ``[kind:]location[?key=value&...]``::
     /data/shards/train-{000..009}.tar   WebDataset tars (jpg/png/webp, optional cls)
     idx:/data/mnist?split=test   IDX files as MNIST/Fashion-MNIST ship them (gzip or not)
     shapes?n=2000&size=64        the built-in synthetic dataset
+    /data/images?sample=1000&subset_seed=0   any source, a seeded random 1000 of its items
 
 Every source lists its items in a fixed order, splits the list into fixed-size partitions (the unit
 of parallel work and of resume), yields ``Sample``s with stable keys, and reports unreadable items as
 ``BadInput`` rather than raising. The spec string is all a Ray worker needs to reopen the source.
+
+Every kind takes the same subset options, applied here in the base class after the reader has
+listed its items: ``n=N`` keeps the first N items of the stable order; ``sample=N&subset_seed=S``
+keeps a seeded random N (chosen by a hash of each key, so the choice does not depend on the order or
+on other items; kept in source order); both together draw the sample from the first N. A subset
+changes the source's fingerprint.
+
+Keys of folder and tar items are a readable prefix plus a short hash of the item's exact identity
+(``make_key``); two items that still end up with one key make the source fail, naming both.
+Names starting with ``.`` (files, folders, tar members) are hidden and skipped by every reader
+(``is_hidden``).
 
 This module holds those types, the ``Source`` base class and ``open_source``; the reader for each
 kind is in ``pipeline.source_folder``, ``source_tar``, ``source_idx`` and ``source_shapes``.
@@ -19,14 +31,19 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Union
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 from pipeline.errors import SourceError
 
 DEFAULT_PARTITION_SIZE = 512
+MAX_CLASSES = 1_000_000  # labels are class indices in [0, MAX_CLASSES); anything else is an error row
+KEY_HASH_CHARS = 10  # hex digits of sha256 in a key: 40 bits, on top of the readable prefix
+KEY_PREFIX_CHARS = 64  # the readable part is cut here; the hash keeps long names apart
+SUBSET_OPTIONS = ("n", "sample", "subset_seed")
 
 
 @dataclass(frozen=True)
@@ -64,6 +81,92 @@ def safe_key(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-]", "_", text)
 
 
+def make_key(identity: str, readable: str) -> str:
+    """``<readable prefix>-<10 hex of sha256(identity)>``: unique per exact identity, stable, no dots.
+
+    ``identity`` is what tells an item apart (a folder file's relative path, a tar member's stem);
+    ``readable`` is folded to ASCII (accents dropped, others become ``_``) so reports stay legible.
+    """
+    folded = "".join(c for c in unicodedata.normalize("NFKD", readable) if not unicodedata.combining(c))
+    prefix = safe_key(folded)[:KEY_PREFIX_CHARS] or "item"
+    digest = hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()[:KEY_HASH_CHARS]
+    return f"{prefix}-{digest}"
+
+
+def is_hidden(parts: tuple[str, ...] | list[str]) -> bool:
+    """Hidden: any path component starting with ``.`` (``.`` and ``..`` themselves are not names)."""
+    return any(p.startswith(".") and p not in (".", "..") for p in parts)
+
+
+def parse_label(raw: bytes | str) -> int:
+    """A class index from a ``cls`` value; ``ValueError`` (with the reason) unless an integer in range."""
+    text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else raw
+    text = text.strip()
+    if not re.fullmatch(r"-?[0-9]+", text):
+        raise ValueError(f"label {text[:20]!r} is not an integer")
+    label = int(text)
+    if not 0 <= label < MAX_CLASSES:
+        raise ValueError(f"label {label} out of range [0, {MAX_CLASSES})")
+    return label
+
+
+def split_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``body?k=v&...`` -> (body, {k: v})."""
+    body, _, query = str(spec).partition("?")
+    return body, dict(parse_qsl(query, keep_blank_values=True))
+
+
+def with_params(spec: str, **changes: object) -> str:
+    """The spec with options set (``None`` removes one); the one way specs get edited."""
+    body, params = split_spec(spec)
+    for name, value in changes.items():
+        if value is None:
+            params.pop(name, None)
+        else:
+            params[name] = str(value)
+    return f"{body}?{urlencode(params, safe='/:{},.*')}" if params else body
+
+
+@dataclass(frozen=True)
+class Subset:
+    """``n`` first items, or a seeded random ``sample`` of them (see the module docstring)."""
+
+    n: int | None = None
+    sample: int | None = None
+    seed: int = 0
+
+    @classmethod
+    def pop_from(cls, params: dict[str, str], spec: str) -> "Subset":
+        values: dict[str, int] = {}
+        for name in SUBSET_OPTIONS:
+            if name in params:
+                raw = params.pop(name)
+                if not re.fullmatch(r"[0-9]+", raw.strip()) or (name != "subset_seed" and int(raw) < 1):
+                    raise SourceError(f"source option {name}={raw!r} in {spec!r}: expected a positive integer")
+                values[name] = int(raw)
+        if "subset_seed" in values and "sample" not in values:
+            raise SourceError(f"subset_seed without sample in {spec!r}: it seeds sample=N")
+        return cls(values.get("n"), values.get("sample"), values.get("subset_seed", 0))
+
+    def __bool__(self) -> bool:
+        return self.n is not None or self.sample is not None
+
+    def describe(self) -> str:
+        first = [f"n={self.n}"] if self.n is not None else []
+        return "&".join(first + ([f"sample={self.sample}&subset_seed={self.seed}"] if self.sample else []))
+
+    def select(self, keys: list[str]) -> list[int]:
+        """Indices (in source order) of the items kept: the first ``n``, then ``sample`` of those."""
+        kept = list(range(min(self.n, len(keys)) if self.n is not None else len(keys)))
+        if self.sample is None or self.sample >= len(kept):
+            return kept
+
+        def rank(i: int) -> bytes:
+            return hashlib.sha256(f"subset:{self.seed}:{keys[i]}".encode()).digest()
+
+        return sorted(sorted(kept, key=rank)[: self.sample])
+
+
 class Source:
     """Base class: subclasses fill ``_listing`` (ordered refs) and implement ``_load``."""
 
@@ -73,6 +176,7 @@ class Source:
         self.spec = spec
         self.params = params
         self.partition_size = int(params.pop("partition_size", partition_size or DEFAULT_PARTITION_SIZE))
+        self.subset = Subset.pop_from(params, spec)
         self.classes: list[str] | None = None
         self._listing: list = []
 
@@ -95,16 +199,43 @@ class Source:
         for part in self.partitions():
             yield from self.iter_partition(part)
 
+    def keys(self) -> list[str]:
+        """Every item's key in listing order, without reading any item."""
+        return [self._key(ref) for ref in self._listing]
+
     def fingerprint(self) -> str:
-        """Changes when the listing changes (names, sizes, mtimes, or generator parameters)."""
+        """Changes when the listing changes (names, sizes, mtimes, generator parameters, subset)."""
         h = hashlib.sha256(self.kind.encode())
         for line in self._fingerprint_lines():
             h.update(line.encode() + b"\n")
+        if self.subset:
+            h.update(f"subset\t{self.subset.describe()}\n".encode())
         return h.hexdigest()[:16]
+
+    def _finish_listing(self) -> None:
+        """Once a reader has listed everything: refuse duplicate keys, then take the subset."""
+        seen: dict[str, object] = {}
+        for ref in self._listing:
+            key = self._key(ref)
+            if key in seen:
+                raise SourceError(
+                    f"two items map to key {key!r}: {self._ref_origin(seen[key])} and {self._ref_origin(ref)}"
+                )
+            seen[key] = ref
+        if self.subset:
+            keys = list(seen)
+            self._listing = [self._listing[i] for i in self.subset.select(keys)]
 
     def describe(self) -> str:
         cls = f"{len(self.classes)} classes" if self.classes else "unlabelled"
         return f"{self.kind} source {self.spec!r}: {len(self)} items, {cls}, {len(self.partitions())} partitions"
+
+    def _key(self, ref) -> str:
+        """The key ``_load(ref)`` gives its item, without reading it (folder and tar refs carry it)."""
+        return ref.key
+
+    def _ref_origin(self, ref) -> str:
+        return ref.origin
 
     def _fingerprint_lines(self) -> Iterator[str]:
         raise NotImplementedError
@@ -122,8 +253,7 @@ def open_source(spec: str, partition_size: int | None = None) -> Source:
     from pipeline.source_tar import TarSource
 
     spec = str(spec)
-    body, _, query = spec.partition("?")
-    params = dict(parse_qsl(query, keep_blank_values=True))
+    body, params = split_spec(spec)
     kind, sep, location = body.partition(":")
     if not sep or len(kind) == 1:  # no kind prefix (a Windows drive letter is not a kind)
         kind, location = "", body
@@ -144,6 +274,7 @@ def open_source(spec: str, partition_size: int | None = None) -> Source:
         raise SourceError(f"unknown source kind {kind!r} in {spec!r} (known: folder, wds, idx, shapes)")
     if source.params:
         raise SourceError(f"unknown source option(s) {sorted(source.params)} in {spec!r}")
+    source._finish_listing()
     return source
 
 
@@ -156,13 +287,20 @@ def read_all(source: Source) -> tuple[list[Sample], list[BadInput]]:
 
 
 __all__ = [
+    "MAX_CLASSES",
     "BadInput",
     "Item",
     "Partition",
     "Sample",
     "Source",
     "SourceError",
+    "Subset",
+    "is_hidden",
+    "make_key",
     "open_source",
+    "parse_label",
     "read_all",
     "safe_key",
+    "split_spec",
+    "with_params",
 ]

@@ -47,12 +47,20 @@ def make_views(
         return [centre_view(width, height)]
     digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
     rng = random.Random(int.from_bytes(digest[:8], "little"))
-    return [_random_resized_crop(rng, width, height, scale, ratio) for _ in range(num_views)]
+    return [random_resized_crop(rng, width, height, scale, ratio) for _ in range(num_views)]
 
 
-def _random_resized_crop(
-    rng: random.Random, width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float]
+def random_resized_crop(
+    rng: random.Random,
+    width: int,
+    height: int,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> View:
+    """A random-resized crop box + flip, drawn as torchvision draws them (fallback: the centre square).
+
+    The cache's views (``make_views``) and pretraining's online augmentation both draw from here.
+    """
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):

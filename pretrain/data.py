@@ -16,8 +16,8 @@ in the training step and any augmentation is allowed.
 
 from __future__ import annotations
 
-import math
 import os
+import random
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
@@ -29,7 +29,8 @@ import torch
 from pipeline import storage
 from pipeline.images import decode_rgb
 from pipeline.shards import decode_sample
-from pipeline.views import View, render_view
+from pipeline.tensors import normalize, pixels  # noqa: F401  (normalize: the step's, re-exported)
+from pipeline.views import random_resized_crop, render_view
 
 AUGMENTS = ("views", "random_resized_crop")
 
@@ -52,33 +53,6 @@ class DataConfig:
 def split_by_rank(src: Iterator[Any], rank: int = 0, world: int = 1) -> Iterator[Any]:
     """The webdataset node splitter, with the rank given explicitly (robust to fork/spawn loaders)."""
     yield from islice(src, rank, None, world) if world > 1 else src
-
-
-def random_view(rng: np.random.Generator, width: int, height: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)) -> View:
-    """A random-resized crop box + flip, as torchvision draws them (fallback: the centre square)."""
-    area = width * height
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            x0 = int(rng.integers(0, width - w + 1))
-            y0 = int(rng.integers(0, height - h + 1))
-            return View((x0, y0, x0 + w, y0 + h), bool(rng.random() < 0.5))
-    side = min(width, height)
-    x0, y0 = (width - side) // 2, (height - side) // 2
-    return View((x0, y0, x0 + side, y0 + side), bool(rng.random() < 0.5))
-
-
-def pixels(img) -> torch.Tensor:
-    """PIL RGB -> uint8 ``[3, H, W]`` (a quarter of float32's bytes between processes)."""
-    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
-
-
-def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[B, 3, H, W]`` -> float ``(x / 255 - mean) / std``; done in the step, on its device."""
-    return (images.float().div_(255.0) - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
 
 class SampleTransform:
@@ -105,6 +79,7 @@ class SampleTransform:
         self.crop_scale = tuple(crop_scale)
         self.seed = (int(seed), int(rank), int(salt))
         self._rng: np.random.Generator | None = None
+        self._crop_rng: random.Random | None = None  # what pipeline.views draws crops with
         self._pid = None
 
     def rng(self) -> np.random.Generator:
@@ -113,6 +88,7 @@ class SampleTransform:
             info = torch.utils.data.get_worker_info()
             worker = info.id if info is not None else -1
             self._rng = np.random.default_rng(np.random.SeedSequence([*self.seed, worker + 1]))
+            self._crop_rng = random.Random(int(self._rng.integers(2**63)))
             self._pid = os.getpid()
         return self._rng
 
@@ -124,7 +100,7 @@ class SampleTransform:
             v = int(rng.integers(len(sample.views)))
             view = sample.views[v]
         else:
-            v, view = -1, random_view(rng, img.width, img.height, self.crop_scale)
+            v, view = -1, random_resized_crop(self._crop_rng, img.width, img.height, self.crop_scale)
         out = {"image": pixels(render_view(img, view, self.img_size)),
                "mask": torch.from_numpy(self.masker(rng).reshape(-1))}
         if self.target == "tokens":
@@ -171,4 +147,4 @@ def make_loader(dataset, num_batches: int, *, workers: int = 0, prefetch: int = 
 
 
 __all__ = ["AUGMENTS", "DataConfig", "SampleTransform", "collate", "make_dataset", "make_loader", "normalize",
-           "pixels", "random_view", "split_by_rank"]
+           "pixels", "split_by_rank"]

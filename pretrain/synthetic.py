@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import storage
-from pipeline.images import decode_rgb, to_tensor
+from pipeline.images import decode_rgb
 from pipeline.shards import CACHE_INFO, encode_sample, shard_name, write_manifest, write_shard
+from pipeline.tensors import to_tensor
 from pipeline.sources import Sample, open_source
 from pipeline.views import make_views, render_view
 

@@ -14,8 +14,9 @@ import torch
 from eval.codebook import faiss_ops
 from eval.codebook.report import codebook_report
 from pipeline.errors import StageError
-from pipeline.images import decode_rgb, encode_png, to_tensor
+from pipeline.images import decode_rgb, encode_png
 from pipeline.shards import encode_sample, shard_name, write_manifest, write_shard
+from pipeline.tensors import to_tensor
 from pipeline.views import make_views, render_view
 from tokenizer.base import TokenizerConfig, build_tokenizer, save_tokenizer
 

@@ -27,7 +27,7 @@ def test_preview_reports_errors(tmp_path, capsys):
     rc = main(["data", "preview", str(tmp_path), "--out", str(tmp_path / "g.png")])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "1 images, 1 errors" in text and "error: a (" in text and "30x20 (1)" in text
+    assert "1 images, 1 errors" in text and "error: a-" in text and "30x20 (1)" in text
 
 
 def test_preview_missing_source_is_a_clear_error(tmp_path, capsys):

@@ -10,7 +10,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
-from urllib.parse import parse_qsl, urlencode
 
 from pipeline.config import to_dict
 from tokenizer.base import TokenizerConfig
@@ -119,13 +118,6 @@ def training_fingerprint(cfg: TokenizerTrainConfig, source_fingerprint: str) -> 
     return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
 
-def _with_params(spec: str, **params: Any) -> str:
-    body, _, query = spec.partition("?")
-    q = dict(parse_qsl(query, keep_blank_values=True))
-    q.update({k: str(v) for k, v in params.items()})
-    return f"{body}?{urlencode(q)}"
-
-
 @dataclass
 class Plan:
     train_start: int
@@ -139,7 +131,7 @@ class Plan:
 def make_plan(cfg: TokenizerTrainConfig, source) -> Plan:
     """Held-out images: ``heldout_source`` if set; for ``shapes`` the ``test`` split; otherwise the last
     ``heldout_size`` items of the source (at most a fifth of it), which are then left out of training."""
-    from pipeline.sources import open_source
+    from pipeline.sources import open_source, with_params
 
     n = len(source)
     if cfg.heldout_source:
@@ -148,7 +140,7 @@ def make_plan(cfg: TokenizerTrainConfig, source) -> Plan:
         return Plan(0, n, cfg.heldout_source, 0, k, f"{k} images of {cfg.heldout_source!r}")
     if source.kind == "shapes":
         split = "heldout" if getattr(source, "split", "train") == "test" else "test"
-        spec = _with_params(source.spec, split=split, n=cfg.heldout_size)
+        spec = with_params(source.spec, split=split, n=cfg.heldout_size)
         return Plan(0, n, spec, 0, cfg.heldout_size, f"{cfg.heldout_size} images of the shapes {split!r} split")
     k = min(cfg.heldout_size, n // 5)
     if k == 0:

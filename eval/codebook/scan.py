@@ -91,21 +91,10 @@ def _first_occurrences(flat: np.ndarray, owner: np.ndarray, samples: list, m: in
     return np.stack([flat[keep], s, v, y, x], axis=1).astype(np.int32)
 
 
-def _decode_rgb(data: bytes):
-    """``pipeline.images.decode_rgb`` (open, load, convert to RGB) without importing that module, which
-    imports torch: a Ray worker that only draws patches then starts in milliseconds, not seconds."""
-    import io
-
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        return img.convert("RGB")
-
-
 def render_patches(shard: str, requests: np.ndarray, input_size: int, grid: tuple[int, int]) -> list[np.ndarray]:
     """The image patch under each (sample, view, y, x) request: the cached view rebuilt exactly as
     the tokenizer saw it (``render_view`` at ``input_size``), cut into the token grid."""
+    from pipeline.images import decode_rgb  # torch-free: a patch-drawing Ray worker starts in milliseconds
     from pipeline.shards import decode_sample
     from pipeline.views import render_view
 
@@ -116,7 +105,7 @@ def render_patches(shard: str, requests: np.ndarray, input_size: int, grid: tupl
     for s, v, y, x in np.asarray(requests, dtype=np.int64).reshape(-1, 4):
         if (s, v) not in rendered:
             cs = decode_sample(samples[s])
-            rendered[(s, v)] = np.asarray(render_view(_decode_rgb(cs.image), cs.views[v], input_size))
+            rendered[(s, v)] = np.asarray(render_view(decode_rgb(cs.image), cs.views[v], input_size))
         img = rendered[(s, v)]
         ph, pw = img.shape[0] // h, img.shape[1] // w
         out.append(img[y * ph : (y + 1) * ph, x * pw : (x + 1) * pw].copy())
@@ -132,8 +121,9 @@ def encode_sample_of_shard(shard: str, tokenizer_dir: str, limit: int, batch_siz
     """
     import torch
 
-    from pipeline.images import decode_rgb, to_tensor
+    from pipeline.images import decode_rgb
     from pipeline.shards import decode_sample
+    from pipeline.tensors import to_tensor
     from pipeline.views import render_view
     from tokenizer.base import load_tokenizer
 
