@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from released_layouts import (  # noqa: E402
+    Decoder,
     Encoder,
     beitv2_reference_ids,
     beitv2_state_dict,
@@ -70,8 +71,10 @@ def test_dalle_fresh_clone_import_then_cache_ids_equal_the_reference(ray_local, 
     torch.manual_seed(0)
     enc = Encoder(n_hid=8, n_blk_per_group=1, vocab_size=64)
     save_dalle(tmp_path / "encoder.pkl", enc)
+    save_dalle(tmp_path / "decoder.pkl", Decoder(n_init=8, n_hid=8, n_blk_per_group=1, vocab_size=64))
     spec, pixels = _pngs(tmp_path / "imgs")
-    _, cache = _import_and_build(tmp_path, ["dalle-dvae", str(tmp_path / "encoder.pkl"), "--input-size", str(SIZE)], spec)
+    tok_dir, cache = _import_and_build(tmp_path, ["dalle-dvae", str(tmp_path / "encoder.pkl"), "--decoder",
+                                                  str(tmp_path / "decoder.pkl"), "--input-size", str(SIZE)], spec)
     cached = _cached(cache)
     keys = sorted(cached)
     assert keys == sorted(pixels) and all(cached[k].shape == (1, 4, 4) for k in keys)
@@ -79,6 +82,11 @@ def test_dalle_fresh_clone_import_then_cache_ids_equal_the_reference(ray_local, 
     got = np.stack([cached[k][0] for k in keys])
     assert len(np.unique(ref)) > 3
     assert np.array_equal(got, ref)  # 100% of ids
+    # `tokens show` draws what the tokens mean with the imported decoder
+    from tokenizer.cache_show import show_rows
+
+    rows = show_rows(cache, n=2, tokenizer_dir=tok_dir)
+    assert len(rows) == 2 and all(r.decoded is not None and r.decoded.size == (SIZE, SIZE) for r in rows)
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +110,12 @@ def test_beitv2_fresh_clone_import_then_cache_ids_equal_the_reference(vqkd_cache
     got = np.stack([cached[k][0] for k in keys])
     assert len(np.unique(ref)) > 3
     assert np.array_equal(got, ref)
+    # the FAISS codebook report re-assigns the features against the stored (not unit-length) rows: all agree
+    from eval.codebook.report import codebook_report
+
+    rep = codebook_report(cache, str(vqkd_cache[0] / "report"), tokenizer_dir=vqkd_cache[3], sample=16,
+                          mosaic_codes=0, quiet=True)
+    assert rep["agreement"]["method"].startswith("faiss-l2") and rep["agreement"]["agreement"] == 1.0
 
 
 @pytest.mark.timeout(600)

@@ -122,6 +122,14 @@ def test_dalle_without_decoder_encodes_and_refuses_to_decode(tmp_path):
     assert not tok.can_decode
     with pytest.raises(NotImplementedError, match="--decoder"):
         tok.decode(tok.encode(x))
+    # `tokens show` on its cache draws images and token maps, without a decoded column
+    from pretrain.synthetic import write_cache
+    from tokenizer.cache_show import show_rows
+
+    cache = str(tmp_path / "tokens" / tok.tokenizer_id)
+    write_cache(cache, tok, "shapes?n=4&size=40&seed=1", [4])
+    rows = show_rows(cache, n=2, tokenizer_dir=str(tmp_path / "tok"))
+    assert len(rows) == 2 and all(r.decoded is None and r.tokens.shape == (4, 4) for r in rows)
 
 
 def test_beitv2_import_matches_the_reference_on_a_codebook_that_is_not_unit_length(tmp_path):

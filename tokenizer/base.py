@@ -190,6 +190,11 @@ class Tokenizer(nn.Module):
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{self.kind} tokenizer cannot decode tokens to pixels (only the dvae can)")
 
+    @property
+    def can_decode(self) -> bool:
+        """Whether ``decode`` works (a dVAE imported without its decoder cannot)."""
+        return type(self).decode is not Tokenizer.decode
+
     def check_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         h, w = self.grid
         if tokens.ndim != 3 or tuple(tokens.shape[1:]) != (h, w):
