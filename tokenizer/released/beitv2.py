@@ -82,7 +82,7 @@ class Encoder(nn.Module):
         self.patch_embed = PatchEmbed(config.patch_size, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, dim))
-        hidden = int(dim * config.mlp_ratio)
+        hidden = round(dim * config.mlp_ratio)  # the ratio was read as fc1 width / width
         self.blocks = nn.ModuleList([Block(dim, config.num_heads, hidden) for _ in range(config.depth)])
         self.fc_norm = nn.LayerNorm(dim, eps=LN_EPS)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)

@@ -84,7 +84,7 @@ def _need(sd: dict[str, torch.Tensor], key: str, where: str, ndim: int) -> tuple
 
 
 # --- DALL-E ---------------------------------------------------------------------------------------
-def _dalle_part(obj: Any, path: str, cls: str, block: str) -> tuple[dict[str, torch.Tensor], int]:
+def _dalle_part(obj: Any, path: str, cls: str) -> tuple[dict[str, torch.Tensor], int]:
     from tokenizer.safe_unpickle import Record, module_state
 
     if not isinstance(obj, Record) or obj.qualname != cls:
@@ -193,10 +193,10 @@ def recognise(kind: str, checkpoint: str | Path, decoder: str | Path | None = No
     if kind not in KINDS:
         raise TokenizerLoadError(f"unknown tokenizer kind {kind!r}: expected one of {', '.join(KINDS)}")
     if kind == "dalle-dvae":
-        enc, n_blk = _dalle_part(load_checkpoint_file(path), path, "dall_e.encoder.Encoder", "block")
+        enc, n_blk = _dalle_part(load_checkpoint_file(path), path, "dall_e.encoder.Encoder")
         dec, dec_blk, dec_path = None, 0, str(decoder or "")
         if decoder is not None:
-            dec, dec_blk = _dalle_part(load_checkpoint_file(dec_path), dec_path, "dall_e.decoder.Decoder", "block")
+            dec, dec_blk = _dalle_part(load_checkpoint_file(dec_path), dec_path, "dall_e.decoder.Decoder")
         config = recognise_dalle(enc, n_blk, input_size or DALLE_INPUT_SIZE, path, dec, dec_blk, dec_path)
         tensors = {f"encoder.{k}": v for k, v in enc.items()}
         tensors.update({f"decoder.{k}": v for k, v in (dec or {}).items()})
