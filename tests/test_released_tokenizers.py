@@ -184,6 +184,9 @@ def test_wrong_kind_or_shape_is_one_line_naming_what_does_not_match(tmp_path, ca
     missing = {k: v for k, v in sd.items() if k != "encode_task_layer.2.bias"}
     torch.save({"model": missing}, tmp_path / "missing.pth")
     cases.append((["beitv2-vqkd", str(tmp_path / "missing.pth"), "--num-heads", "2"], "missing tensor 'encode_task_layer.2.bias'"))
+    whole = (tmp_path / "encoder.pkl").read_bytes()
+    (tmp_path / "cut.pkl").write_bytes(whole[: len(whole) - 100])  # legacy file cut inside the last storage
+    cases.append((["dalle-dvae", str(tmp_path / "cut.pkl")], "file truncated"))
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all")
     cases.append((["beitv2-vqkd", str(tmp_path / "junk.pth")], "not a readable torch.save checkpoint"))
     for argv, expected in cases:

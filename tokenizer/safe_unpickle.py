@@ -154,7 +154,9 @@ class _SafeUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> Any:
         if not isinstance(pid, tuple) or not pid:
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
-        if pid[0] == "module":  # legacy format: (tag, class, source file, source); the class is already a record
+        if pid[0] == "module":  # legacy format: (tag, class, source file, source); the class came through find_class
+            if not (len(pid) > 1 and isinstance(pid[1], type) and issubclass(pid[1], Record)):
+                raise pickle.UnpicklingError(f"unexpected module persistent id {pid[:2]!r}")
             return pid[1]
         if pid[0] != "storage" or len(pid) < 5 or not isinstance(pid[1], _DtypeMarker):
             raise pickle.UnpicklingError(f"unexpected persistent id {pid[:2]!r}")
@@ -220,7 +222,7 @@ def load_checkpoint_file(path: str | Path) -> Any:
     except UnsafeCheckpointError:
         raise
     except (pickle.UnpicklingError, EOFError, struct.error, zipfile.BadZipFile, KeyError, ValueError,
-            TypeError, AttributeError, IndexError) as e:
+            TypeError, AttributeError, IndexError, RuntimeError, OverflowError, RecursionError) as e:
         raise TokenizerLoadError(f"{path}: not a readable torch.save checkpoint ({type(e).__name__}: {e})") from None
     return obj
 
