@@ -62,6 +62,10 @@ class TokenizerConfig:
     code_dim: int = 32
     decoder_width: int = 0
     decoder_depth: int = 1
+    # Which implementation of the kind: mimflow's own, or an imported release (tokenizer/released/):
+    # "dall-e" (OpenAI's dVAE; decoder_width/decoder_depth/code_dim then describe its decoder, depth 0 = none)
+    # or "beitv2" (BEiT v2's VQ-KD ViT). Left out of config.json when "mimflow", so trained ids are unchanged.
+    arch: Literal["mimflow", "dall-e", "beitv2"] = "mimflow"
 
     def __post_init__(self):
         self.mean = tuple(float(x) for x in self.mean)
@@ -84,6 +88,8 @@ class TokenizerConfig:
                 f"dvae: input_size / grid = {factor} must be a power of two (stride-2 stages), "
                 f"got input_size {self.input_size}, grid {self.grid}"
             )
+        if (self.kind, self.arch) in (("vqkd", "dall-e"), ("dvae", "beitv2")):
+            raise ValueError(f"arch {self.arch!r} does not implement kind {self.kind!r}")
         if self.kind == "vqkd":
             if self.width % self.num_heads:
                 raise ValueError(f"vqkd: width ({self.width}) must be divisible by num_heads ({self.num_heads})")
@@ -101,7 +107,10 @@ class TokenizerConfig:
 def config_to_dict(cfg: TokenizerConfig) -> dict:
     from pipeline.config import to_dict
 
-    return to_dict(cfg)
+    doc = to_dict(cfg)
+    if doc.get("arch") == "mimflow":
+        del doc["arch"]  # the default: configs (and ids) of trained tokenizers stay as they were
+    return doc
 
 
 class Tokenizer(nn.Module):
@@ -181,6 +190,11 @@ class Tokenizer(nn.Module):
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{self.kind} tokenizer cannot decode tokens to pixels (only the dvae can)")
 
+    @property
+    def can_decode(self) -> bool:
+        """Whether ``decode`` works (a dVAE imported without its decoder cannot)."""
+        return type(self).decode is not Tokenizer.decode
+
     def check_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         h, w = self.grid
         if tokens.ndim != 3 or tuple(tokens.shape[1:]) != (h, w):
@@ -199,6 +213,10 @@ class Tokenizer(nn.Module):
 
 
 def build_tokenizer(config: TokenizerConfig) -> Tokenizer:
+    if config.arch != "mimflow":
+        from tokenizer.released import build_released
+
+        return build_released(config)
     if config.kind == "dvae":
         from tokenizer.dvae import DVAE
 

@@ -89,6 +89,7 @@ def show_rows(
     size = int(info["input_size"])
     samples = find_samples(cache_dir, keys, n)
     tok = _load_tokenizer_for(info, tokenizer_dir) if info.get("kind") == "dvae" else None
+    tok = tok if tok is not None and tok.can_decode else None  # e.g. DALL-E imported without its decoder
     rows: list[ShownRow] = []
     for s in samples:
         img = decode_rgb(s.image)
