@@ -43,7 +43,7 @@ def _pngs(root: Path, n: int = 10) -> tuple[str, dict[str, np.ndarray]]:
 
 
 def _import_and_build(tmp_path: Path, argv: list[str], spec: str) -> tuple[str, str]:
-    from pipeline.cli import main
+    from mimflow.cli import main
 
     tok_dir = str(tmp_path / "tok")
     assert main(["tokenizer", "import", *argv, "--out", tok_dir]) == 0

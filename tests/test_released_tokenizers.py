@@ -8,7 +8,6 @@ import pickle
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -67,7 +66,7 @@ def test_a_pickle_with_a_reduce_payload_is_refused_and_never_runs(tmp_path, fmt)
     assert "\n" not in str(e.value) and str(path) in str(e.value)
     assert not marker.exists()
     # the same payload through the CLI: a one-line error, exit code 2, nothing run
-    from pipeline.cli import main
+    from mimflow.cli import main
 
     assert main(["tokenizer", "import", "beitv2-vqkd", str(path), "--out", str(tmp_path / "tok")]) == 2
     assert not marker.exists() and not (tmp_path / "tok").exists()
@@ -165,7 +164,7 @@ def test_same_checkpoint_same_id_and_other_weights_other_id(tmp_path):
 
 # --- wrong kind, wrong shape ----------------------------------------------------------------------
 def test_wrong_kind_or_shape_is_one_line_naming_what_does_not_match(tmp_path, capsys):
-    from pipeline.cli import main
+    from mimflow.cli import main
 
     _dalle_files(tmp_path)
     sd = _vqkd_file(tmp_path)
@@ -197,7 +196,7 @@ def test_wrong_kind_or_shape_is_one_line_naming_what_does_not_match(tmp_path, ca
 
 
 def test_print_config_shows_what_was_recognised_and_writes_nothing(tmp_path, capsys):
-    from pipeline.cli import main
+    from mimflow.cli import main
 
     _dalle_files(tmp_path)
     assert main(["tokenizer", "import", "dalle-dvae", str(tmp_path / "encoder.pkl"), "--decoder",
