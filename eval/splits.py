@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
 from eval.eval_config import EvalError
+from pipeline import storage
 from pipeline.sources import split_spec, with_params
 
 
@@ -51,12 +51,11 @@ def resolve_split(train_spec: str, test_spec: str | None, test_fraction: float =
     if train.kind in ("shapes", "idx") and params.get("split", "train") == "train":
         candidates = [(with_params(train_spec, split="train"), with_params(train_spec, split="test"))]
     elif train.kind == "folder" and "split" not in params:
-        root = Path(train.root)
-        if (root / "train").is_dir():
+        if storage.is_dir(storage.join(train.root, "train")):
             candidates = [
                 (with_params(train_spec, split="train"), with_params(train_spec, split=name))
                 for name in ("val", "test")
-                if (root / name).is_dir()
+                if storage.is_dir(storage.join(train.root, name))
             ]
     for tr, te in candidates:
         try:

@@ -12,9 +12,10 @@ import errno
 import os
 import stat
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
+from pipeline import storage
 from pipeline.images import IMAGE_EXTENSIONS
 from pipeline.sources import BadInput, Item, Sample, Source, SourceError, is_hidden, make_key
 
@@ -23,13 +24,19 @@ from pipeline.sources import BadInput, Item, Sample, Source, SourceError, is_hid
 class _File:
     key: str
     rel: str  # path relative to the root, '/'-separated: the item's identity
-    path: Path  # as listed (through any symlinks), not resolved
+    path: str  # as listed (through any symlinks, not resolved), or a URI
     label: int | None
     error: str | None = None  # set for items that are error rows already when listed
 
     @property
     def origin(self) -> str:
-        return str(self.path)
+        return self.path
+
+
+def _walk_prefix(root: str) -> Iterator[tuple]:
+    """The same as ``_walk`` for an object-store prefix: no links there, hidden keys already left out."""
+    for location in storage.list_files(root):
+        yield tuple(location[len(root):].strip("/").split("/")), location, None
 
 
 def _walk(folder: Path, rel: tuple[str, ...], ancestors: tuple[tuple[int, int], ...]) -> Iterator[tuple]:
@@ -73,20 +80,27 @@ class FolderSource(Source):
 
     def __init__(self, spec: str, location: str, params: dict[str, str], partition_size: int | None):
         super().__init__(spec, params, partition_size)
-        root = Path(location).expanduser()
         split = self.params.pop("split", None)
-        if split:
-            root = root / split
-        if not root.is_dir():
-            raise SourceError(f"image folder not found: {root}")
-        self.root = root.resolve()
-        st = os.stat(self.root)
-        root_id = (st.st_dev, st.st_ino)
-        entries = list(_walk(self.root, (), (root_id,)))
-        subdirs = sorted(  # a link back to the root is a loop (an error row), not a class
-            p.name for p in self.root.iterdir()
-            if not is_hidden((p.name,)) and p.is_dir() and (p.stat().st_dev, p.stat().st_ino) != root_id
-        )
+        if storage.is_uri(location):
+            root = storage.join(location, split) if split else location.rstrip("/")
+            entries = list(_walk_prefix(root))
+            subdirs = sorted({parts[0] for parts, _, _ in entries if len(parts) > 1})
+            if not entries:
+                raise SourceError(f"no files found under {root}")
+        else:
+            path = Path(location).expanduser() / (split or "")
+            if not path.is_dir():
+                raise SourceError(f"image folder not found: {path}")
+            path = path.resolve()
+            st = os.stat(path)
+            root_id = (st.st_dev, st.st_ino)
+            entries = [(parts, str(p), error) for parts, p, error in _walk(path, (), (root_id,))]
+            subdirs = sorted(  # a link back to the root is a loop (an error row), not a class
+                p.name for p in path.iterdir()
+                if not is_hidden((p.name,)) and p.is_dir() and (p.stat().st_dev, p.stat().st_ino) != root_id
+            )
+            root = str(path)
+        self.root = root
         self.classes = subdirs or None
         index = {name: i for i, name in enumerate(subdirs)}
         listing = []
@@ -107,19 +121,20 @@ class FolderSource(Source):
                 yield f"{f.rel}\terror\t{f.error}"
                 continue
             try:
-                st = f.path.stat()
-                yield f"{f.rel}\t{st.st_size}\t{st.st_mtime_ns}"
+                size, mtime_ns = storage.stat(f.path)
+                yield f"{f.rel}\t{size}\t{mtime_ns}"
             except OSError as e:  # gone since listing: the fingerprint must still change, not crash
                 yield f"{f.rel}\tgone\t{e.errno}"
 
     def _load(self, ref: _File) -> Item:
         if ref.error is not None:
             return BadInput(ref.key, ref.origin, ref.error)
-        fmt = ref.path.suffix.lstrip(".").lower()
+        suffix = PurePosixPath(ref.rel).suffix
+        fmt = suffix.lstrip(".").lower()
         if fmt not in IMAGE_EXTENSIONS:
-            return BadInput(ref.key, ref.origin, f"not an image file (extension {ref.path.suffix or 'none'!r})")
+            return BadInput(ref.key, ref.origin, f"not an image file (extension {suffix or 'none'!r})")
         try:
-            data = ref.path.read_bytes()
+            data = storage.read_bytes(ref.path)
         except OSError as e:
             return BadInput(ref.key, ref.origin, f"cannot read file: {e}")
         return Sample(ref.key, data, "jpg" if fmt == "jpeg" else fmt, ref.label, ref.origin)

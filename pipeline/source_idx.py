@@ -9,6 +9,7 @@ from typing import Iterator
 
 import numpy as np
 
+from pipeline import storage
 from pipeline.images import encode_png
 from pipeline.sources import Item, Sample, Source, SourceError
 
@@ -21,23 +22,24 @@ class IdxSource(Source):
     def __init__(self, spec: str, location: str, params: dict[str, str], partition_size: int | None):
         super().__init__(spec, params, partition_size)
         split = self.params.pop("split", "train")
-        root = Path(location).expanduser()
-        if root.is_file():
+        root = location if storage.is_uri(location) else str(Path(location).expanduser().resolve())
+        if storage.exists(root) and not storage.is_dir(root):
             images_path = root
         else:
-            if not root.is_dir():
+            if not storage.is_dir(root):
                 raise SourceError(f"IDX folder not found: {root}")
             prefix = {"train": "train", "test": "t10k"}.get(split)
             if prefix is None:
                 raise SourceError(f"IDX split must be train or test, got {split!r}")
-            found = sorted(root.glob(f"{prefix}-images*idx3-ubyte*"))
+            found = storage.glob(storage.join(root, f"{prefix}-images*idx3-ubyte*"))
             if not found:
                 raise SourceError(f"no {prefix}-images-idx3-ubyte[.gz] in {root}")
             images_path = found[0]
-        labels_path = images_path.with_name(images_path.name.replace("images", "labels").replace("idx3", "idx1"))
+        folder, _, name = images_path.rpartition("/")
+        labels_path = f"{folder}/{name.replace('images', 'labels').replace('idx3', 'idx1')}"
         self.split = split
         self.images_path = images_path
-        self.labels_path = labels_path if labels_path.is_file() else None
+        self.labels_path = labels_path if storage.exists(labels_path) else None
         self._images = _read_idx(images_path, expect_dims=3)
         self._labels = _read_idx(self.labels_path, expect_dims=1) if self.labels_path else None
         if self._labels is not None:
@@ -51,8 +53,8 @@ class IdxSource(Source):
     def _fingerprint_lines(self) -> Iterator[str]:
         for path in (self.images_path, self.labels_path):
             if path is not None:
-                st = path.stat()
-                yield f"{path.resolve()}\t{st.st_size}\t{st.st_mtime_ns}"
+                size, mtime_ns = storage.stat(path)
+                yield f"{path}\t{size}\t{mtime_ns}"
 
     def _key(self, ref: int) -> str:
         return f"{self.split}-{ref:06d}"
@@ -66,11 +68,11 @@ class IdxSource(Source):
         return Sample(self._key(ref), data, "png", label, self._ref_origin(ref))
 
 
-def _read_idx(path: Path, expect_dims: int) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
+def _read_idx(path: str, expect_dims: int) -> np.ndarray:
     try:
-        with opener(path, "rb") as f:
-            raw = f.read()
+        raw = storage.read_bytes(path)
+        if path.endswith(".gz"):
+            raw = gzip.decompress(raw)
     except (OSError, EOFError) as e:
         raise SourceError(f"cannot read IDX file {path}: {e}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
+import posixpath
 import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
+from pipeline import storage
 from pipeline.images import IMAGE_EXTENSIONS
 from pipeline.sources import BadInput, Item, Partition, Sample, Source, SourceError, is_hidden, make_key, parse_label
 
@@ -40,6 +41,14 @@ def _member_problem(member: tarfile.TarInfo, name: str) -> str | None:
     return None
 
 
+def _open_tar(location: str) -> tarfile.TarFile:
+    """A tar opened for random access to its members (ranged reads on an object store)."""
+    if not storage.is_uri(location):
+        return tarfile.open(location)
+    # tarfile leaves a passed-in file open when it closes; pyarrow closes it once it is released
+    return tarfile.open(fileobj=storage.open_random_access(location), mode="r:*")
+
+
 def expand_braces(pattern: str) -> list[str]:
     """``a-{000..003}.tar`` -> 4 names; ``{a,b}`` alternatives; nested groups expand left to right."""
     m = re.search(r"\{([^{}]*)\}", pattern)
@@ -67,15 +76,13 @@ class TarSource(Source):
 
     def __init__(self, spec: str, location: str, params: dict[str, str], partition_size: int | None):
         super().__init__(spec, params, partition_size)
-        paths: list[Path] = []
+        paths: list[str] = []
         for part in location.split("::"):
             expanded = expand_braces(part)
             if len(expanded) == 1 and any(c in part for c in "*?["):
-                expanded = sorted(str(p) for p in Path().glob(part)) if not Path(part).is_absolute() else sorted(
-                    str(p) for p in Path("/").glob(part.lstrip("/"))
-                )
-            paths.extend(Path(p) for p in expanded)
-        missing = [str(p) for p in paths if not p.is_file()]
+                expanded = storage.glob(part)
+            paths.extend(expanded if storage.is_uri(part) else [str(Path(p).expanduser().resolve()) for p in expanded])
+        missing = [p for p in paths if not storage.exists(p)]
         if missing:
             raise SourceError(f"tar file(s) not found: {', '.join(missing[:5])}")
         if not paths:
@@ -83,10 +90,10 @@ class TarSource(Source):
         self.paths = paths
         # A key hashes the tar's path relative to the tars' common folder + the member's key, so the
         # same key in two tars gives two keys, and moving the whole set of tars changes none.
-        base = os.path.commonpath([str(p.resolve().parent) for p in paths])
+        base = posixpath.commonpath([posixpath.dirname(p) for p in paths])
         listing: list[_Entry] = []
         for tar_index, path in enumerate(paths):
-            tar_id = os.path.relpath(path.resolve(), base)
+            tar_id = posixpath.relpath(path, base)
             try:
                 listing.extend(self._list_tar(tar_index, path, tar_id))
             except (tarfile.TarError, OSError) as e:
@@ -96,10 +103,10 @@ class TarSource(Source):
             self.classes = self._scan_classes()
 
     @staticmethod
-    def _list_tar(tar_index: int, path: Path, tar_id: str) -> list[_Entry]:
+    def _list_tar(tar_index: int, path: str, tar_id: str) -> list[_Entry]:
         groups: dict[str, dict[str, tarfile.TarInfo]] = {}
         out: list = []  # entries, and group stems as placeholders to keep member order
-        with tarfile.open(path) as tf:
+        with _open_tar(path) as tf:
             for member in tf.getmembers():
                 name = member.name
                 while name.startswith("./"):
@@ -133,7 +140,7 @@ class TarSource(Source):
             if "cls" in e.members:
                 by_tar.setdefault(e.tar_index, []).append(e)
         for tar_index, entries in by_tar.items():
-            with tarfile.open(self.paths[tar_index]) as tf:
+            with _open_tar(self.paths[tar_index]) as tf:
                 for e in entries:
                     try:
                         seen.add(parse_label(tf.extractfile(e.members["cls"]).read()))
@@ -143,8 +150,8 @@ class TarSource(Source):
 
     def _fingerprint_lines(self) -> Iterator[str]:
         for path in self.paths:
-            st = path.stat()
-            yield f"{path.resolve()}\t{st.st_size}\t{st.st_mtime_ns}"
+            size, mtime_ns = storage.stat(path)
+            yield f"{path}\t{size}\t{mtime_ns}"
 
     def iter_partition(self, part: Partition) -> Iterator[Item]:
         refs = self._listing[part.start : part.stop]
@@ -152,7 +159,7 @@ class TarSource(Source):
         try:
             for ref in refs:
                 if ref.error is None and ref.tar_index not in open_tars:
-                    open_tars[ref.tar_index] = tarfile.open(self.paths[ref.tar_index])
+                    open_tars[ref.tar_index] = _open_tar(self.paths[ref.tar_index])
                 yield self._read(open_tars.get(ref.tar_index), ref)
         finally:
             for tf in open_tars.values():
@@ -161,7 +168,7 @@ class TarSource(Source):
     def _load(self, ref: _Entry) -> Item:
         if ref.error is not None:
             return self._read(None, ref)
-        with tarfile.open(self.paths[ref.tar_index]) as tf:
+        with _open_tar(self.paths[ref.tar_index]) as tf:
             return self._read(tf, ref)
 
     def _read(self, tf: tarfile.TarFile | None, ref: _Entry) -> Item:

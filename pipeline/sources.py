@@ -33,10 +33,10 @@ import hashlib
 import re
 import unicodedata
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Union
 from urllib.parse import parse_qsl, urlencode
 
+from pipeline import storage
 from pipeline.errors import SourceError
 
 DEFAULT_PARTITION_SIZE = 512
@@ -255,7 +255,7 @@ def open_source(spec: str, partition_size: int | None = None) -> Source:
     spec = str(spec)
     body, params = split_spec(spec)
     kind, sep, location = body.partition(":")
-    if not sep or len(kind) == 1:  # no kind prefix (a Windows drive letter is not a kind)
+    if not sep or len(kind) == 1 or location.startswith("//"):  # a drive letter or URI scheme is not a kind
         kind, location = "", body
     kind = kind.lower()
     if kind == "shapes" or (not kind and body == "shapes"):
@@ -265,8 +265,7 @@ def open_source(spec: str, partition_size: int | None = None) -> Source:
     elif kind in ("wds", "webdataset") or (not kind and ".tar" in location):
         source = TarSource(spec, location, params, partition_size)
     elif kind in ("folder", ""):
-        path = Path(location).expanduser()
-        if not kind and path.is_dir() and any(path.glob("*idx3-ubyte*")):
+        if not kind and storage.is_dir(location) and storage.glob(storage.join(location, "*idx3-ubyte*")):
             source = IdxSource(spec, location, params, partition_size)
         else:
             source = FolderSource(spec, location, params, partition_size)

@@ -12,6 +12,7 @@ object stores make an object visible only when its upload completes, which gives
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import os
 import shutil
@@ -129,7 +130,7 @@ def size(location: str | os.PathLike) -> int:
 def read_bytes(location: str | os.PathLike) -> bytes:
     fs, path = resolve(location)
     try:
-        with fs.open_input_stream(path) as f:
+        with fs.open_input_stream(path, compression=None) as f:
             return f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"file not found: {location}") from None
@@ -139,9 +140,36 @@ def open_input(location: str | os.PathLike) -> IO[bytes]:
     """A sequential reader (streamed from object stores, not downloaded first)."""
     fs, path = resolve(location)
     try:
-        return fs.open_input_stream(path)
+        return fs.open_input_stream(path, compression=None)
     except FileNotFoundError:
         raise FileNotFoundError(f"file not found: {location}") from None
+
+
+def open_random_access(location: str | os.PathLike) -> IO[bytes]:
+    """A seekable reader: on object stores each read is a ranged request (tar members, headers)."""
+    fs, path = resolve(location)
+    try:
+        return fs.open_input_file(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"file not found: {location}") from None
+
+
+def stat(location: str | os.PathLike) -> tuple[int, int]:
+    """(size in bytes, modification time in ns) of a file; what a source fingerprint is made of."""
+    fs, path = resolve(location)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"file not found: {location}")
+    return int(info.size), int(info.mtime_ns or 0)
+
+
+def glob(pattern: str) -> list[str]:
+    """Files matching a ``*``/``?``/``[...]`` pattern in its last path component, sorted."""
+    if not is_uri(pattern):
+        path = Path(pattern).expanduser()
+        return sorted(str(p) for p in path.parent.glob(path.name) if p.is_file())
+    parent, _, name = pattern.rpartition("/")
+    return [join(parent, n) for n in list_names(parent) if fnmatch.fnmatchcase(n, name) and not is_dir(join(parent, n))]
 
 
 def register_webdataset_schemes() -> None:
@@ -207,14 +235,14 @@ def atomic_output(location: str | os.PathLike) -> Iterator[IO[bytes]]:
         with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as spool:
             yield spool
             spool.seek(0)
-            with fs.open_output_stream(path) as out:
+            with fs.open_output_stream(path, compression=None) as out:
                 shutil.copyfileobj(spool, out, COPY_CHUNK)
         return
     parent = path.rsplit("/", 1)[0]
     if parent:
         fs.create_dir(parent, recursive=True)
     target = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    stream = fs.open_output_stream(target)
+    stream = fs.open_output_stream(target, compression=None)
     try:
         yield stream
         stream.close()

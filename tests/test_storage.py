@@ -67,3 +67,15 @@ def test_object_store_round_trip(s3_server):
     assert not storage.exists(root + "/z.bin")
     storage.remove(root + "/x.bin")
     assert storage.list_files(root) == [root + "/sub/y.bin"]
+
+
+def test_bytes_are_the_bytes_whatever_the_extension(tmp_path):
+    """pyarrow guesses compression from a file's extension unless told not to: storage never does."""
+    import gzip
+
+    packed = gzip.compress(b"payload")
+    storage.write_bytes_atomic(tmp_path / "x.gz", packed)
+    assert (tmp_path / "x.gz").read_bytes() == packed
+    assert storage.read_bytes(tmp_path / "x.gz") == packed
+    with storage.open_input(tmp_path / "x.gz") as f:
+        assert f.read() == packed
