@@ -247,14 +247,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                                                                               if k not in ("kind", "step")}},
                             with_checkpoint=do_ckpt)
 
-    rank_steps = [steps_here]
+    # per rank: steps taken and the Ray node it ran on (where a multi-node run actually placed its ranks)
+    node_id = ray.get_runtime_context().get_node_id()
+    rank_steps, rank_nodes = [steps_here], [node_id]
     if world > 1:
         gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, steps_here)
-        rank_steps = [int(x) for x in gathered]
+        dist.all_gather_object(gathered, (steps_here, node_id))
+        rank_steps = [int(x[0]) for x in gathered]
+        rank_nodes = [str(x[1]) for x in gathered]
     seconds = time.perf_counter() - run_start
     if log is not None:
-        log.write({"kind": "end", "step": step, "rank_steps": rank_steps, "seconds": round(seconds, 2)})
+        log.write({"kind": "end", "step": step, "rank_steps": rank_steps, "rank_nodes": rank_nodes,
+                   "seconds": round(seconds, 2)})
         log.close()
     return {
         "start_step": start_step, "step": step, "total_steps": plan.total_steps, "rank_steps": rank_steps,
