@@ -10,7 +10,9 @@ Why it looks like this (Ray 2.60 on Linux):
 
 * **Same loopback settings as the head.** ``--node-ip-address 127.0.0.1`` plus
   ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keep every listener on 127.0.0.1; several raylets share the IP
-  and differ by port, which Ray supports (its own multi-node test clusters do the same).
+  and differ by port, which Ray supports (its own multi-node test clusters do the same). In that mode
+  ``ray start --address`` refuses to start a worker node, so it runs through ``infra/ray_node_start.py``,
+  which lifts only that refusal.
 * **Its own ports and temp dir.** All the ports a non-head node opens (node manager, object manager,
   metrics, dashboard agent, runtime-env agent, a worker-port block) are picked free under the head's port
   lock. The temp dir only holds this node's logs and sockets; the session name comes from the head.
@@ -43,6 +45,11 @@ from pathlib import Path
 from infra.cluster_ports import pick_ports, ports_lock
 from infra.cluster_procs import CHILDREN, TAG_ENV, Proc, _scan, pid_alive, read_stat
 from infra.cluster_state import LOOPBACK, ClusterError, ClusterInfo, flock
+
+# The raylet waits 15 s (Ray's default) for its dashboard agent to write its port file and aborts
+# otherwise; on a loaded 2-core machine the agent's imports alone take longer. (`ray start` itself
+# still gives the node 30 s to register, hard-coded.)
+START_WAIT_ENV = {"RAY_raylet_start_wait_time_s": "60"}
 
 # ports a non-head node opens (the GCS, dashboard and client server live on the head only)
 NODE_PORT_FLAGS = {
@@ -185,8 +192,7 @@ def _start_worker_node(head: ClusterInfo, name: str, num_cpus: int, object_store
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
         "RAY_API_SERVER_ADDRESS": head.dashboard_url,  # Ray Train's state-API calls from this node
-        # the raylet waits only 15 s for its dashboard agent by default, too short on a loaded machine
-        "RAY_agent_register_timeout_ms": "120000",
+        **START_WAIT_ENV,
         TAG_ENV: tag,
     })
     if head.token_path is not None:
@@ -197,7 +203,7 @@ def _start_worker_node(head: ClusterInfo, name: str, num_cpus: int, object_store
     with flock(ports_lock(), timeout, "the local port allocator"):
         ports, (wlo, whi) = pick_ports(random.Random())
         cmd = [
-            sys.executable, "-m", "ray.scripts.scripts", "start", "--block",
+            sys.executable, str(Path(__file__).with_name("ray_node_start.py")), "start", "--block",
             "--address", head.address,
             "--node-ip-address", LOOPBACK,
             "--num-cpus", str(num_cpus),

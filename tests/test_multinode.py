@@ -26,7 +26,7 @@ if str(REPO) not in sys.path:  # infra/ is tooling, not part of the installed pa
 
 from infra import local_cluster as lc  # noqa: E402
 from infra import submit as sub  # noqa: E402
-from infra.cluster_nodes import alive_nodes, start_worker_node  # noqa: E402
+from infra.cluster_nodes import START_WAIT_ENV, alive_nodes, start_worker_node  # noqa: E402
 from infra.cluster_state import ClusterError  # noqa: E402
 from pipeline import storage  # noqa: E402
 from pipeline.shards import shard_bytes  # noqa: E402
@@ -43,12 +43,13 @@ def cluster():
     root = Path(tempfile.mkdtemp(prefix="mf-mn-", dir="/tmp"))
     head, nodes = None, []
     try:
-        for attempt in range(3):  # `ray start` gives its dashboard agent 15 s: retried on a loaded machine
+        for attempt in range(4):  # `ray start` gives its node 30 s: retried on a loaded machine
             try:
-                head = lc.start_cluster(1, root / f"state{attempt}", object_store_memory=SMALL_STORE)
+                head = lc.start_cluster(1, root / f"state{attempt}", object_store_memory=SMALL_STORE,
+                                        extra_env=START_WAIT_ENV)
                 break
             except ClusterError:
-                if attempt == 2:
+                if attempt == 3:
                     raise
         for name in ("node_b", "node_c"):
             nodes.append(start_worker_node(head, name, 2, object_store_memory=SMALL_STORE))
