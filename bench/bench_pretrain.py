@@ -83,7 +83,8 @@ def setup(s: dict[str, Any], workdir: str, device: torch.device, targets=("token
     """A saved tokenizer, a real cache made with it, and in-memory batches per target from the real loader."""
     from pretrain.data import SampleTransform, make_dataset, make_loader
     from pretrain.masking import make_masker
-    from pretrain.synthetic import write_cache
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from cache_fixture import write_cache  # a real-format cache from a tokenizer, one shard of n images
     from tokenizer.base import build_tokenizer, load_tokenizer, save_tokenizer
 
     torch.manual_seed(0)

@@ -43,6 +43,9 @@ class FolderSource(Source):
             st = path.stat()
             yield f"{path.relative_to(self.root)}\t{st.st_size}\t{st.st_mtime_ns}"
 
+    def _key(self, ref) -> str:
+        return ref[0]
+
     def _load(self, ref) -> Item:
         key, path = ref
         fmt = path.suffix.lstrip(".").lower()

@@ -54,6 +54,9 @@ class IdxSource(Source):
                 st = path.stat()
                 yield f"{path.resolve()}\t{st.st_size}\t{st.st_mtime_ns}"
 
+    def _key(self, ref) -> str:
+        return f"{self.split}-{ref:06d}"
+
     def _load(self, ref) -> Item:
         label = int(self._labels[ref]) if self._labels is not None else None
         data = encode_png(self._images[ref])  # IDX has no image encoding: lossless PNG

@@ -29,6 +29,9 @@ class ShapesSource(Source):
 
         yield f"shapes\tv{GENERATOR_VERSION}\t{self.n}\t{self.size}\t{self.seed}\t{self.split}"
 
+    def _key(self, ref) -> str:
+        return f"{self.split}-{ref:06d}"
+
     def _load(self, ref) -> Item:
         from pipeline.shapes import render_shape
 

@@ -88,7 +88,7 @@ class TarSource(Source):
             yield f"{path.resolve()}\t{st.st_size}\t{st.st_mtime_ns}"
 
     def iter_partition(self, part: Partition) -> Iterator[Item]:
-        refs = self._listing[part.start : part.stop]
+        refs = self._refs(part)
         open_tars: dict[int, tarfile.TarFile] = {}
         try:
             for tar_index, stem, members in refs:
@@ -98,6 +98,9 @@ class TarSource(Source):
         finally:
             for tf in open_tars.values():
                 tf.close()
+
+    def _key(self, ref) -> str:
+        return safe_key(ref[1])
 
     def _load(self, ref) -> Item:
         tar_index, stem, members = ref

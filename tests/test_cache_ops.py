@@ -14,7 +14,7 @@ from pipeline.shards import check_cache, read_manifest
 from test_cache_support import make_tokenizer, read_cache
 from tokenizer.cache_ops import refresh
 from tokenizer.cache_verify import verify_cache
-from tokenizer.precompute import run_build
+from tokenizer.precompute import build_cache
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def toks(tmp_path_factory) -> tuple[str, str]:
 def built(ray_local, toks, tmp_path_factory) -> str:
     """One small committed cache (views=2), shared read-only; tests copy it before damaging it."""
     out = tmp_path_factory.mktemp("built")
-    return run_build(toks[0], "shapes?n=24&size=32&seed=5&partition_size=8", str(out), 2, num_actors=1).cache_dir
+    return build_cache(toks[0], "shapes?n=24&size=32&seed=5&partition_size=8", str(out), 2, num_actors=1).cache_dir
 
 
 def _folder(root: Path, n: int = 12) -> str:
@@ -119,7 +119,7 @@ def test_verify_catches_truncated_shard_and_flipped_byte(built, tmp_path, capsys
 def test_verify_catches_duplicates_and_bad_tokens(built, tmp_path):
     import pyarrow as pa
 
-    from pipeline.shards import MANIFEST_SCHEMA, encode_sample, write_manifest, write_shard
+    from pipeline.shards import MANIFEST_SCHEMA, commit_cache, encode_sample, read_cache_info, write_shard
 
     bad = tmp_path / "bad"
     shutil.copytree(built, bad)
@@ -131,12 +131,12 @@ def test_verify_catches_duplicates_and_bad_tokens(built, tmp_path):
                           sample.views[:1], sample.label)  # a duplicate key, 1 view instead of 2
     n, size, sha = write_shard(str(bad / "shard-000009.tar"), [extra])
     rows.append({**rows[0], "shard": "shard-000009.tar", "samples": n, "bytes": size, "sha256": sha})
-    write_manifest(str(bad), rows)
+    commit_cache(str(bad), read_cache_info(str(bad)), rows, [])
     assert pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA).num_rows == 4
     problems = " | ".join(verify_cache(str(bad)).problems)
     assert "duplicate key" in problems and sample.key in problems
     assert ">= vocab size" in problems and "expected (2," in problems
-    assert "samples in the shards" in problems  # 25 vs cache.json's 24
+    assert "samples in the shards" in problems  # 25 vs the cache info's 24
 
 
 def test_show_writes_image_token_map_and_decode(built, tmp_path, capsys):
@@ -147,7 +147,7 @@ def test_show_writes_image_token_map_and_decode(built, tmp_path, capsys):
     out = tmp_path / "tokens.png"
     assert main(["tokens", "show", built, key, "--out", str(out), "--cell", "64"]) == 0
     img = Image.open(out)
-    cols = 3 if info["kind"] == "dvae" else 2
+    cols = 3 if info.kind == "dvae" else 2
     assert img.size == (cols * 68, 2 * (64 + 14))  # one row per view
     assert "2 view(s) of 1 sample(s)" in capsys.readouterr().out
     assert main(["tokens", "show", built, "--n", "3", "--out", str(out)]) == 0
@@ -159,7 +159,7 @@ def test_build_refuses_other_views_in_the_same_cache(built, toks):
     from pipeline.shards import CacheError
 
     with pytest.raises(CacheError, match="views=2"):
-        run_build(toks[0], "shapes?n=24&size=32&seed=5&partition_size=8", str(Path(built).parent), 1)
+        build_cache(toks[0], "shapes?n=24&size=32&seed=5&partition_size=8", str(Path(built).parent), 1)
 
 
 def test_stage1_config_flat_and_nested(tmp_path):

@@ -15,7 +15,8 @@ from eval.codebook import faiss_ops
 from eval.codebook.report import codebook_report
 from pipeline.cli import StageError
 from pipeline.images import decode_rgb, encode_png, to_tensor
-from pipeline.shards import encode_sample, shard_name, write_manifest, write_shard
+from cache_fixture import commit_shards
+from pipeline.shards import encode_sample, shard_name, write_shard
 from pipeline.views import make_views, render_view
 from tokenizer.base import TokenizerConfig, build_tokenizer, save_tokenizer
 
@@ -47,7 +48,7 @@ def build_cache(root: Path, tokenizer_dir: Path, shards: int = 3, per_shard: int
     cache = root / tok.tokenizer_id
     cache.mkdir(parents=True)
     rng = np.random.default_rng(1)
-    rows, n = [], 0
+    shard_members, n = [], 0
     for s in range(shards):
         members = []
         for _ in range(per_shard):
@@ -60,13 +61,10 @@ def build_cache(root: Path, tokenizer_dir: Path, shards: int = 3, per_shard: int
             tokens = tok.encode(batch).numpy().astype(np.uint16)
             members.append(encode_sample(key, data, "png", tokens, w, h, vs, n % 3))
             n += 1
-        count, nbytes, sha = write_shard(str(cache / shard_name(s)), members)
-        rows.append({"shard": shard_name(s), "samples": count, "bytes": nbytes, "sha256": sha, "tokenizer_id": tok.tokenizer_id,
-                     "source_fingerprint": "fp", "views": views, "created": None})
-    info = {"tokenizer_id": tok.tokenizer_id, "kind": tok.kind, "vocab_size": vocab or tok.vocab_size, "grid": list(tok.grid),
-            "input_size": tok.input_size, "views": views, "classes": ["a", "b", "c"]}
-    (cache / "cache.json").write_text(json.dumps(info))
-    write_manifest(str(cache), rows)
+        shard_members.append(members)
+    commit_shards(str(cache), shard_members, tokenizer_id=tok.tokenizer_id, kind=tok.kind,
+                  vocab_size=vocab or tok.vocab_size, grid=tok.grid, input_size=tok.input_size, views=views,
+                  classes=["a", "b", "c"])
     return cache
 
 

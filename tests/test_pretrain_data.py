@@ -9,7 +9,7 @@ from pipeline.shards import decode_sample, read_shard
 from pipeline.views import render_view
 from pretrain.data import SampleTransform, make_dataset, make_loader, normalize, pixels, random_view
 from pretrain.masking import BlockMasking
-from pretrain.synthetic import PatchColorTokenizer, write_cache
+from cache_fixture import PatchColorTokenizer, write_cache
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 

@@ -11,7 +11,7 @@ from pipeline.config import load_config
 from pipeline.shards import CacheError
 from pretrain.checkpoint import read_metrics, read_state
 from pretrain.optim import WarmupCosine
-from pretrain.synthetic import PatchColorTokenizer, write_cache
+from cache_fixture import PatchColorTokenizer, write_cache
 from pretrain.train import PretrainConfig, plan_run, run_pretrain
 
 TOK = PatchColorTokenizer((4, 4), 32)
