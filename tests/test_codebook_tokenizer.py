@@ -3,7 +3,6 @@ FAISS re-assignment with the cached tokens: 100% on a fresh cache, lower when to
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

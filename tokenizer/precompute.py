@@ -257,7 +257,7 @@ def build_cache(
         delay_s=_delay_s,
     )
     done: dict[int, dict] = {}
-    for rec in sorted(records, key=lambda r: r.get("created", 0)):
+    for rec in sorted(records, key=lambda r: r.get("created", 0), reverse=True):  # the newest current one
         i = rec.get("partition")
         if isinstance(i, int) and 0 <= i < count and i not in done and shard_current(rec, params):
             done[i] = rec
@@ -288,7 +288,11 @@ def build_cache(
             report.images += rec.get("images", 0)
             done[i] = rec
     new_info, rows, errors = _plan_commit(tok, source, params, parts, done, report)
-    if info is not None and _same_commit(info, committed, new_info, rows):
+    if (
+        info is not None
+        and _same_commit(info, committed, new_info, rows)
+        and storage.exists(storage.join(cache_dir, info.errors_file))
+    ):
         report.up_to_date = True
         print(f"tokens: {cache_dir} is up to date ({len(parts)} shards, {report.samples} samples); nothing to do")
     else:
