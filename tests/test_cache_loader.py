@@ -40,7 +40,7 @@ def test_a_cache_from_the_real_builder_feeds_the_pretraining_loader(ray_local, t
     batches = _batches(cache_dir, info.vocab_size, n=3)
     assert len(batches) == 3
     for b in batches:
-        assert b["image"].shape == (4, 3, 32, 32) and b["tokens"].shape == (4, 16)
+        assert b["image"].shape == (4, 3, 32, 32) and b["tokens"].shape == (4, 4, 4)
         for row in b["tokens"].numpy():
             assert row.tobytes() in cached  # each target is the cached tokens of one view
 

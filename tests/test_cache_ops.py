@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from pipeline.images import encode_png
-from pipeline.shards import check_cache, read_manifest
+from pipeline.shards import check_cache, read_manifest, shard_name
+from pipeline.sources import partition_of
 from test_cache_support import make_tokenizer, read_cache
 from tokenizer.cache_ops import refresh
 from tokenizer.cache_verify import verify_cache
@@ -69,25 +70,27 @@ def test_refresh_after_source_change_rebuilds_only_stale_shards(ray_local, toks,
     out = tmp_path / "out"
     cache_dir = Path(refresh(toks[0], str(out), spec, num_actors=1).cache_dir)
     old_rows = read_manifest(str(cache_dir))
-    old_shard1 = (cache_dir / "shard-000001.tar").read_bytes()
+    p = partition_of("im05", 3)  # the partition im05 belongs to (by its key)
+    stale = shard_name(p)
+    old_shard = (cache_dir / stale).read_bytes()
 
-    # Change one image of partition 1 (items 4..7): only that shard is stale.
+    # Change one image: only its partition's shard is stale.
     (tmp_path / "imgs" / "im05.png").write_bytes(encode_png(np.full((24, 24, 3), 200, np.uint8)))
     report = refresh(toks[0], str(out), num_actors=1)
     assert "source content changed" in report.reason
     assert report.build.encoded == 1 and report.build.reused == 2
     rows = read_manifest(str(cache_dir))
     names = [r["shard"] for r in rows]
-    assert names[0] == "shard-000000.tar" and names[2] == "shard-000002.tar"
-    assert names[1].startswith("shard-000001-") and names[1] != "shard-000001.tar"  # a new name...
-    assert (cache_dir / "shard-000001.tar").read_bytes() == old_shard1  # ...so the old cache stayed intact
-    assert rows[0]["sha256"] == old_rows[0]["sha256"] and rows[1]["sha256"] != old_rows[1]["sha256"]
+    assert [n for i, n in enumerate(names) if i != p] == [shard_name(i) for i in range(3) if i != p]
+    assert names[p].startswith(f"shard-{p:06d}-") and names[p] != stale  # a new name...
+    assert (cache_dir / stale).read_bytes() == old_shard  # ...so the old cache stayed intact
+    assert all((rows[i]["sha256"] == old_rows[i]["sha256"]) == (i != p) for i in range(3))
     changed = {s.key: s for s in read_cache(str(cache_dir))}["im05"]
     assert Image.open(__import__("io").BytesIO(changed.image)).getpixel((0, 0)) == (200, 200, 200)
     assert verify_cache(str(cache_dir)).ok
 
     refresh(toks[0], str(out), gc=True)
-    assert not (cache_dir / "shard-000001.tar").exists() and (cache_dir / names[1]).exists()
+    assert not (cache_dir / stale).exists() and (cache_dir / names[p]).exists()
     assert verify_cache(str(cache_dir)).ok
 
 
