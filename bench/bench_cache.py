@@ -129,7 +129,7 @@ def reference_rate(tok_dir: str, spec: str, views: int, batch_size: int, device:
         sync()
         encode_s = time.perf_counter() - t0
 
-    from pipeline.shards import encode_sample, shard_bytes
+    from pipeline.token_cache import encode_sample, shard_bytes
 
     t0 = time.perf_counter()
     tokens = np.zeros((views, *tok.grid), np.uint16)

@@ -124,7 +124,7 @@ def bench_assign(size: dict, device: str, gpu_faiss: bool) -> list[dict]:
 
 def make_report_cache(root: Path, shards: int, images: int, grid: int, k: int) -> Path:
     from pipeline.images import encode_png
-    from pipeline.shards import encode_sample
+    from pipeline.token_cache import encode_sample
     from pipeline.views import centre_view
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -155,7 +155,7 @@ def bench_report(size: dict) -> dict:
     import ray
 
     from eval.codebook.report import codebook_report
-    from pipeline.shards import read_shard, tokens_from_npy
+    from pipeline.token_cache import read_shard, tokens_from_npy
 
     work = Path(tempfile.mkdtemp(prefix="bench-faiss-"))
     try:

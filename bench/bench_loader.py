@@ -60,7 +60,7 @@ def measure(size: str, device: torch.device) -> dict[str, Any]:
         tok, batches, urls, masker = setup(s, workdir, device, targets=("tokens",))
         n = 16 if size == "cpu" else 24
         per_worker = loader_rate(urls, masker, s, batches=n, vocab_size=tok.vocab_size)
-        from pipeline.shards import check_cache
+        from pipeline.token_cache import check_cache
 
         _, rows = check_cache(os.path.dirname(urls[0]))
         sha = {u: r["sha256"] for u, r in zip(urls, rows)}

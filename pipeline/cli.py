@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_command(prog: str, command: Callable[[], int | None], interrupted: str = "finished work is kept, rerun to resume") -> int:
     """Run a command; errors a user can act on become one line on stderr and exit code 2."""
     from pipeline.config import ConfigError
-    from pipeline.shards import CacheError
+    from pipeline.token_cache import CacheError
     from pipeline.sources import SourceError
 
     try:

@@ -18,7 +18,7 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
 
 def pretrain_command(args: argparse.Namespace) -> int:
     from pipeline.config import dump_config, load_config
-    from pipeline.shards import CacheError
+    from pipeline.token_cache import CacheError
     from pretrain.train import PretrainConfig, run_pretrain
 
     cfg = load_config(PretrainConfig, args.config, args.overrides, stage="pretrain")

@@ -35,7 +35,7 @@ import torch
 
 from pipeline import storage
 from pipeline.images import decode_rgb
-from pipeline.shards import CacheError, decode_sample
+from pipeline.token_cache import CacheError, decode_sample
 from pipeline.views import View, render_view
 
 AUGMENTS = ("views", "random_resized_crop")

@@ -16,7 +16,7 @@ from typing import Any, Callable, Literal
 
 from pipeline import storage
 from pipeline.config import ConfigError, save_config, to_dict
-from pipeline.shards import CacheError, check_cache, shard_urls
+from pipeline.token_cache import CacheError, check_cache, shard_urls
 from pretrain.data import AUGMENTS, DataConfig
 from pretrain.flops import train_flops_per_image
 from pretrain.masking import make_masker, num_masked_for

@@ -1,7 +1,7 @@
 """Hand-made token caches for tests and benchmarks whose shard layout the real builder cannot give
 (uneven shard sizes, chosen token ids, a tokenizer that is not a checkpoint), and a trivial tokenizer.
 
-Every cache here is committed with ``pipeline.shards.commit_cache`` (the builder's own writer of the
+Every cache here is committed with ``pipeline.token_cache.commit_cache`` (the builder's own writer of the
 manifest and its ``CacheInfo``), so readers see exactly the contract. Tests that can afford the real
 builder (``tokenizer.precompute.build_cache``) use it instead.
 """
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from pipeline import storage
 from pipeline.images import decode_rgb, to_tensor
-from pipeline.shards import CACHE_FORMAT, CacheInfo, commit_cache, encode_sample, errors_name, shard_name, write_shard
+from pipeline.token_cache import CACHE_FORMAT, CacheInfo, commit_cache, encode_sample, errors_name, shard_name, write_shard
 from pipeline.sources import Sample, open_source
 from pipeline.views import make_views, render_view
 

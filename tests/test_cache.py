@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pipeline.images import decode_rgb, encode_png, to_tensor
-from pipeline.shards import check_cache, decode_sample, read_errors, shard_urls
+from pipeline.token_cache import check_cache, decode_sample, read_errors, shard_urls
 from pipeline.views import render_view
 from test_cache_support import make_tokenizer, manifest_without_time, read_cache
 from tokenizer.precompute import build_cache

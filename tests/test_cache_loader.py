@@ -12,7 +12,7 @@ import pytest
 
 from cache_fixture import commit_shards
 from pipeline.images import encode_png
-from pipeline.shards import CacheError, check_cache, encode_sample, read_shard, shard_urls
+from pipeline.token_cache import CacheError, check_cache, encode_sample, read_shard, shard_urls
 from pipeline.views import centre_view
 from pretrain.data import SampleTransform, make_dataset, make_loader
 from pretrain.masking import BlockMasking

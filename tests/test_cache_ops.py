@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pipeline.images import encode_png
-from pipeline.shards import check_cache, read_manifest, shard_name
+from pipeline.token_cache import check_cache, read_manifest, shard_name
 from pipeline.sources import partition_of
 from test_cache_support import make_tokenizer, read_cache
 from tokenizer.cache_ops import refresh
@@ -122,7 +122,7 @@ def test_verify_catches_truncated_shard_and_flipped_byte(built, tmp_path, capsys
 def test_verify_catches_duplicates_and_bad_tokens(built, tmp_path):
     import pyarrow as pa
 
-    from pipeline.shards import MANIFEST_SCHEMA, commit_cache, encode_sample, read_cache_info, write_shard
+    from pipeline.token_cache import MANIFEST_SCHEMA, commit_cache, encode_sample, read_cache_info, write_shard
 
     bad = tmp_path / "bad"
     shutil.copytree(built, bad)
@@ -159,7 +159,7 @@ def test_show_writes_image_token_map_and_decode(built, tmp_path, capsys):
 
 
 def test_build_refuses_other_views_in_the_same_cache(built, toks):
-    from pipeline.shards import CacheError
+    from pipeline.token_cache import CacheError
 
     with pytest.raises(CacheError, match="views=2"):
         build_cache(toks[0], "shapes?n=24&size=32&seed=5&partition_size=8", str(Path(built).parent), 1)

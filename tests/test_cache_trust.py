@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from pipeline import storage
-from pipeline.shards import check_cache, read_manifest
+from pipeline.token_cache import check_cache, read_manifest
 from test_cache_support import make_tokenizer, read_cache
 from tokenizer.cache_ops import refresh
 from tokenizer.cache_verify import verify_cache

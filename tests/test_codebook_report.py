@@ -16,7 +16,7 @@ from eval.codebook.report import choose_mosaic_codes, codebook_report, pick_agre
 from pipeline.cli import StageError, main
 from pipeline.images import encode_png
 from cache_fixture import commit_shards
-from pipeline.shards import CacheError, encode_sample
+from pipeline.token_cache import CacheError, encode_sample
 from pipeline.views import centre_view
 
 VOCAB = 8

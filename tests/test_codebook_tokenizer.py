@@ -15,7 +15,7 @@ from eval.codebook.report import codebook_report
 from pipeline.cli import StageError
 from pipeline.images import decode_rgb, encode_png, to_tensor
 from cache_fixture import commit_shards
-from pipeline.shards import encode_sample, shard_name, write_shard
+from pipeline.token_cache import encode_sample, shard_name, write_shard
 from pipeline.views import make_views, render_view
 from tokenizer.base import TokenizerConfig, build_tokenizer, save_tokenizer
 
@@ -69,7 +69,7 @@ def build_cache(root: Path, tokenizer_dir: Path, shards: int = 3, per_shard: int
 
 def alter_shard(cache: Path, index: int) -> int:
     """Shift every token of one shard by one code (a corrupted/stale shard); returns tokens altered."""
-    from pipeline.shards import decode_sample, read_shard
+    from pipeline.token_cache import decode_sample, read_shard
 
     path = str(cache / shard_name(index))
     members, altered = [], 0

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.images import decode_rgb, to_tensor
-from pipeline.shards import decode_sample, read_shard
+from pipeline.token_cache import decode_sample, read_shard
 from pipeline.views import render_view
 from pretrain.data import SampleTransform, make_dataset, make_loader, normalize, pixels, random_view
 from pretrain.masking import BlockMasking
@@ -29,7 +29,7 @@ def _transform(tok, target="tokens", augment="views", seed=0):
 
 
 def _urls(cache_dir):
-    from pipeline.shards import check_cache, shard_urls
+    from pipeline.token_cache import check_cache, shard_urls
 
     _, rows = check_cache(cache_dir)
     return shard_urls(cache_dir, rows)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.shards import CacheError
+from pipeline.token_cache import CacheError
 from pretrain.checkpoint import read_metrics, read_state
 from pretrain.optim import WarmupCosine
 from cache_fixture import PatchColorTokenizer, write_cache

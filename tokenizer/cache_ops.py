@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import storage
-from pipeline.shards import MANIFEST, CacheError, CacheInfo, read_cache_info, read_manifest
+from pipeline.token_cache import MANIFEST, CacheError, CacheInfo, read_cache_info, read_manifest
 from tokenizer.cache_records import BUILD_DIR, LEGACY, OWN_FILE, RECORD, load_records, remove_temporaries
 
 

@@ -110,7 +110,7 @@ def shard_current(rec: dict[str, Any], params: BuildParams, digest: str | None =
     (the driver, before reading anything): of the same source fingerprint. Either way the build
     parameters must match and the shard file's sha256 must be the record's.
     """
-    from pipeline.shards import file_sha256
+    from pipeline.token_cache import file_sha256
 
     same = (rec.get("tokenizer_id"), rec.get("views"), rec.get("seed"), rec.get("partitions")) == (
         params.tokenizer_id,

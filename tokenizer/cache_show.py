@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from pipeline import storage
-from pipeline.shards import CacheError, CacheInfo, CacheSample, check_cache, decode_sample, read_shard, shard_urls
+from pipeline.token_cache import CacheError, CacheInfo, CacheSample, check_cache, decode_sample, read_shard, shard_urls
 
 if TYPE_CHECKING:
     from PIL import Image

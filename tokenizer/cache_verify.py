@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import storage
-from pipeline.shards import (
+from pipeline.token_cache import (
     CacheError,
     CacheInfo,
     parse_shard,

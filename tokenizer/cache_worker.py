@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from pipeline import storage
-from pipeline.shards import CacheError, encode_sample, shard_name, write_shard
+from pipeline.token_cache import CacheError, encode_sample, shard_name, write_shard
 from tokenizer.cache_records import (
     BUILD_DIR,
     BuildParams,

@@ -1,7 +1,7 @@
 """Build the offline token cache: one Ray job, one shard per source partition.
 
 ``build_cache(tokenizer_dir, source, out_root)`` writes ``out_root/<tokenizer_id>/`` (the layout and
-the contract are in ``pipeline.shards``) and returns a ``BuildReport``. The driver plans, a pool of
+the contract are in ``pipeline.token_cache``) and returns a ``BuildReport``. The driver plans, a pool of
 Ray actors does the work:
 
 * **Units of work** are the source's partitions; partition ``i`` becomes one shard. An item belongs
@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pipeline import storage
-from pipeline.shards import (
+from pipeline.token_cache import (
     CACHE_FORMAT,
     MANIFEST,
     CacheError,

@@ -22,7 +22,7 @@ from eval.codebook.geometry import run_geometry
 from eval.codebook.ray_util import gather, remote
 from pipeline import storage
 from pipeline.cli import StageError
-from pipeline.shards import MANIFEST, CacheError, CacheInfo, check_cache, shard_urls
+from pipeline.token_cache import MANIFEST, CacheError, CacheInfo, check_cache, shard_urls
 
 
 def resolve_cache_dir(location: str) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.shards import CacheError, read_shard, tokens_from_npy
+from pipeline.token_cache import CacheError, read_shard, tokens_from_npy
 
 # Occurrence records: code, sample index in the shard, view, row, column.
 OCC_FIELDS = 5
@@ -106,7 +106,7 @@ def _decode_rgb(data: bytes):
 def render_patches(shard: str, requests: np.ndarray, input_size: int, grid: tuple[int, int]) -> list[np.ndarray]:
     """The image patch under each (sample, view, y, x) request: the cached view rebuilt exactly as
     the tokenizer saw it (``render_view`` at ``input_size``), cut into the token grid."""
-    from pipeline.shards import decode_sample
+    from pipeline.token_cache import decode_sample
     from pipeline.views import render_view
 
     samples = read_shard(shard)
@@ -133,7 +133,7 @@ def encode_sample_of_shard(shard: str, tokenizer_dir: str, limit: int, batch_siz
     import torch
 
     from pipeline.images import decode_rgb, to_tensor
-    from pipeline.shards import decode_sample
+    from pipeline.token_cache import decode_sample
     from pipeline.views import render_view
     from tokenizer.base import load_tokenizer
 
