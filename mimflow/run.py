@@ -136,10 +136,10 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, log: Callable[
             key = _digest(tok_id, fingerprint, cfg.views, cfg.seed)
             outputs, skipped = _stage(
                 stamps, "tokens", key,
-                lambda: {"cache": str(build_cache(
+                lambda: {"cache": build_cache(
                     tok_dir, cfg.source, out / "tokens", cfg.views,
                     batch_size=cfg.cache_batch_size, num_actors=cfg.cache_actors, seed=cfg.seed,
-                ))}, log,
+                ).cache_dir}, log,
             )
             results["tokens"] = outputs
             results["skipped"] += ["tokens"] if skipped else []

@@ -19,7 +19,7 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
 
 def pretrain_command(args: argparse.Namespace) -> int:
     from pipeline.config import dump_config, load_config
-    from pipeline.shards import CacheError
+    from pipeline.token_cache import CacheError
     from pretrain.config import PretrainConfig
     from pretrain.train import run_pretrain
 

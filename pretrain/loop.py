@@ -166,10 +166,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     transform = SampleTransform(
         img_size=cfg.data.img_size, masker=masker, target=cfg.target,
         tok_input_size=plan.tok_input_size, augment=cfg.data.augment, crop_scale=cfg.data.crop_scale,
-        seed=cfg.seed, rank=rank, salt=start_step,
+        seed=cfg.seed, rank=rank, salt=start_step, vocab_size=plan.vocab_size if cfg.target == "tokens" else None,
     )
     dataset = make_dataset(plan.urls, transform, plan.per_worker_batch, shuffle_buffer=cfg.data.shuffle_buffer,
-                           rank=rank, world=world, seed=cfg.seed * 7919 + rank * 104729 + start_step)
+                           rank=rank, world=world, seed=cfg.seed * 7919 + rank * 104729 + start_step,
+                           sha256=plan.shard_sha256 if cfg.data.verify_shards else None)
     remaining = max(0, end_step - start_step)
     # (with_epoch(0) would mean "no limit": a finished run gets no loader at all)
     loader = make_loader(dataset, remaining, workers=cfg.data.loader_workers, prefetch=cfg.data.prefetch,

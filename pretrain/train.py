@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from pipeline import storage
 from pipeline.config import ConfigError, save_config, to_dict
-from pipeline.shards import CacheError, check_cache, shard_urls
+from pipeline.token_cache import check_cache, shard_urls
 from pretrain.config import PretrainConfig
 from pretrain.data import AUGMENTS
 from pretrain.flops import train_flops_per_image
@@ -42,6 +42,7 @@ class RunPlan:
     train_flops_per_image: int  # model FLOPs of one image's forward + backward (pretrain.flops)
     run_dir: str
     storage_path: str
+    shard_sha256: dict[str, str] = field(default_factory=dict)  # url -> the manifest's sha256 (data.verify_shards)
 
 
 @dataclass
@@ -82,11 +83,11 @@ def plan_run(cfg: PretrainConfig) -> RunPlan:
     grid = [d.img_size // cfg.model.patch] * 2
     vocab = None
     if cfg.target == "tokens":
-        if list(info.get("grid", [])) != grid:
+        if info.grid != grid:
             raise ConfigError(
-                f"the cache's token grid {info.get('grid')} does not match the model's patch grid {grid} "
+                f"the cache's token grid {info.grid} does not match the model's patch grid {grid} "
                 f"(data.img_size {d.img_size} / model.patch {cfg.model.patch})")
-        vocab = int(info["vocab_size"])
+        vocab = info.vocab_size
     elif cfg.target == "tokens-online":
         if list(tok.grid) != grid:
             raise ConfigError(f"the tokenizer's grid {list(tok.grid)} does not match the model's patch grid {grid}")
@@ -112,10 +113,11 @@ def plan_run(cfg: PretrainConfig) -> RunPlan:
         urls=shard_urls(d.tokens, rows), samples=samples, steps_per_epoch=steps_per_epoch, total_steps=total,
         end_step=end, warmup_steps=min(warmup, total), per_worker_batch=d.batch_size // cfg.workers,
         num_masked=num_masked, grid=grid, vocab_size=vocab,
-        tokenizer_id=tok.tokenizer_id if tok is not None else info.get("tokenizer_id"),
+        tokenizer_id=tok.tokenizer_id if tok is not None else info.tokenizer_id,
         tok_input_size=int(tok.input_size) if tok is not None else None,
         train_flops_per_image=train_flops_per_image(cfg.model, d.img_size, out_dim, num_masked),
         run_dir=storage.join(storage_path, cfg.run_name), storage_path=storage_path,
+        shard_sha256=dict(zip(shard_urls(d.tokens, rows), (r["sha256"] for r in rows))),
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.shards import CacheSample, check_cache, decode_sample, read_manifest, read_shard, shard_urls
+from pipeline.token_cache import CacheSample, check_cache, decode_sample, read_manifest, read_shard, shard_urls
 
 
 def make_tokenizer(path: Path, seed: int = 0) -> str:

@@ -21,7 +21,7 @@ from test_cache_support import make_tokenizer  # noqa: E402
 from pipeline import storage  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pretrain.checkpoint import read_metrics, read_state  # noqa: E402
-from pretrain.synthetic import PatchColorTokenizer, write_cache  # noqa: E402
+from cache_fixture import PatchColorTokenizer, write_cache  # noqa: E402
 from pretrain.config import PretrainConfig  # noqa: E402
 from pretrain.train import run_pretrain  # noqa: E402
 

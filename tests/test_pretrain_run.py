@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.shards import CacheError
+from pipeline.token_cache import CacheError
 from pretrain.checkpoint import read_metrics, read_state
 from pretrain.optim import WarmupCosine
-from pretrain.synthetic import PatchColorTokenizer, write_cache
+from cache_fixture import PatchColorTokenizer, write_cache
 from pretrain.config import PretrainConfig
 from pretrain.train import plan_run, run_pretrain
 

@@ -56,7 +56,7 @@ def _import_and_build(tmp_path: Path, argv: list[str], spec: str) -> tuple[str, 
 
 
 def _cached(cache_dir: str) -> dict[str, np.ndarray]:
-    from pipeline.shards import check_cache, decode_sample, read_shard, shard_urls
+    from pipeline.token_cache import check_cache, decode_sample, read_shard, shard_urls
 
     _, rows = check_cache(cache_dir)
     return {s.key: s.tokens for s in (decode_sample(r) for url in shard_urls(cache_dir, rows) for r in read_shard(url))}
@@ -140,7 +140,7 @@ def test_pretraining_from_an_imported_cache_and_tokens_online_agree(vqkd_cache):
 
     # tokens-online renders the same view at the tokenizer's size and encodes it in the step: same ids,
     # checked on every cached sample through the loader's own transform
-    from pipeline.shards import check_cache, read_shard, shard_urls
+    from pipeline.token_cache import check_cache, read_shard, shard_urls
 
     transforms = {}
     for target in ("tokens", "tokens-online"):

@@ -122,7 +122,7 @@ def test_dalle_without_decoder_encodes_and_refuses_to_decode(tmp_path):
     with pytest.raises(NotImplementedError, match="--decoder"):
         tok.decode(tok.encode(x))
     # `tokens show` on its cache draws images and token maps, without a decoded column
-    from pretrain.synthetic import write_cache
+    from cache_fixture import write_cache
     from tokenizer.cache_show import show_rows
 
     cache = str(tmp_path / "tokens" / tok.tokenizer_id)

@@ -67,7 +67,7 @@ def load_stage1_config(recipe: str | Path | None, overrides: Sequence[str] = ())
 def run_stage1(cfg: Stage1Config, address: str | None = None, num_cpus: int | None = None) -> dict[str, Any]:
     """Train (or reuse) the tokenizer, then build (or resume, or confirm) its token cache."""
     from pipeline.ray_context import ray_session
-    from tokenizer.precompute import run_build
+    from tokenizer.precompute import build_cache
     from tokenizer.train import train_tokenizer
 
     source = cfg.tokens.source or cfg.tokenizer.source
@@ -75,7 +75,7 @@ def run_stage1(cfg: Stage1Config, address: str | None = None, num_cpus: int | No
         raise ConfigError("tokens.source is not set and the tokenizer config names no source")
     with ray_session(address, num_cpus):
         tok_dir = str(train_tokenizer(cfg.tokenizer, address=address))
-        report = run_build(
+        report = build_cache(
             tok_dir,
             source,
             cfg.tokens.out,
