@@ -39,7 +39,7 @@ with ray_session(num_cpus=1):
     print(json.dumps(listening))
 """
 
-LOOPBACK = re.compile(r"^(127\\.\\d+\\.\\d+\\.\\d+|::1|::ffff:127\\.\\d+\\.\\d+\\.\\d+)$")
+LOOPBACK = re.compile(r"^(127\.\d+\.\d+\.\d+|::1|::ffff:127\.\d+\.\d+\.\d+)$")
 
 
 def test_embedded_ray_listens_on_loopback_only_and_its_token_is_private(tmp_path):
