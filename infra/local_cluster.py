@@ -63,8 +63,8 @@ from pathlib import Path
 from typing import Iterator
 
 from infra.cluster_ports import PORT_FLAGS, all_ports_listening, pick_ports, ports_lock
-from infra.cluster_procs import (CHILDREN, TAG_ENV, cluster_processes, processes_referencing, read_stat,
-                                 stop_cluster, stop_processes)
+from infra.cluster_procs import (CHILDREN, TAG_ENV, Cluster, cluster_processes, cluster_running,
+                                 processes_referencing, read_stat, stop_cluster, stop_processes)
 from infra.cluster_state import (DEFAULT_STATE_DIR, LOG_FILE, LOOPBACK, TOKEN_FILE, ClusterBusyError, ClusterError,
                                  ClusterInfo, cleanup_files, flock, load_cluster, resolve_state_dir, shell_env,
                                  write_state)
@@ -107,7 +107,7 @@ def start_cluster(
     timeout: float = 120.0,
     drain_timeout_s: float = 0.0,
     extra_env: dict[str, str] | None = None,
-) -> ClusterInfo:
+) -> Cluster:
     """Start a Ray head on 127.0.0.1 and wait until its job API answers.
 
     num_cpus: logical CPUs the head offers. state_dir: where cluster.json, the auth token and the
@@ -214,7 +214,7 @@ def start_cluster(
                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             CHILDREN[proc.pid] = proc
             launcher = read_stat(proc.pid)
-            info = ClusterInfo(
+            info = Cluster(
                 state_dir=state_dir, temp_dir=temp_dir, temp_dir_owned=owned,
                 address=f"{LOOPBACK}:{ports['gcs']}", dashboard_url=f"http://{LOOPBACK}:{ports['dashboard']}",
                 ports=ports, worker_ports=(wlo, whi), num_cpus=num_cpus, num_gpus=num_gpus,
@@ -274,7 +274,7 @@ def cluster_status(state_dir: str | Path | None = None) -> dict:
 
 
 @contextlib.contextmanager
-def local_cluster(num_cpus: int = 2, state_dir: str | Path | None = None, **kwargs) -> Iterator[ClusterInfo]:
+def local_cluster(num_cpus: int = 2, state_dir: str | Path | None = None, **kwargs) -> Iterator[Cluster]:
     """`with local_cluster(2, tmp) as c:` == `with start_cluster(2, tmp) as c:`."""
     info = start_cluster(num_cpus, state_dir, **kwargs)
     try:
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if st["state"] == "running" else 1
         if args.cmd == "env":
             info = load_cluster(args.state_dir)
-            if info is None or not info.is_running():
+            if info is None or not cluster_running(info):
                 print(f"no running cluster recorded in {resolve_state_dir(args.state_dir)}; "
                       f"start one: python -m infra.local_cluster start", file=sys.stderr)
                 return 1

@@ -76,11 +76,12 @@ def resolve_target(address: str | None = None, state_dir: str | Path | None = No
         val = env.get(var, "")
         if val.startswith(("http://", "https://")) and state_dir is None:
             return Target(val, env, f"${var}")
+    from infra.cluster_procs import cluster_running
     from infra.cluster_state import DEFAULT_STATE_DIR, load_cluster
 
     info = load_cluster(state_dir)
     where = Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR
-    if info is None or not info.is_running():
+    if info is None or not cluster_running(info):
         raise SubmitError(
             f"no Ray cluster to submit to: pass --address http://HOST:8265, set RAY_API_SERVER_ADDRESS, "
             f"or start a local one (no running cluster recorded in {where}): "

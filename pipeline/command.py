@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 from pipeline.errors import USER_ERRORS
 
@@ -23,6 +23,22 @@ def add_config_arguments(parser: argparse.ArgumentParser, stage: str, default: s
         metavar="KEY=VALUE",
         help="override a config field, e.g. --set optim.lr=1e-3 (repeatable)",
     )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (validated, absolute paths) as YAML and exit without starting Ray",
+    )
+
+
+def print_config(args: argparse.Namespace, cfg: Any) -> bool:
+    """With ``--print-config``: print ``cfg`` as YAML and return True (the command then exits, having
+    started nothing); otherwise False."""
+    if not getattr(args, "print_config", False):
+        return False
+    from pipeline.config import dump_config
+
+    print(dump_config(cfg), end="", flush=True)
+    return True
 
 
 def run_command(prog: str, command: Callable[[], int | None], interrupted: str = "finished work is kept, rerun to resume") -> int:

@@ -31,6 +31,7 @@ kind is in ``pipeline.source_folder``, ``source_tar``, ``source_idx`` and ``sour
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -269,6 +270,26 @@ class Source:
         raise NotImplementedError
 
 
+def parse_spec(spec: str) -> tuple[str, str, str]:
+    """``[kind:]location[?query]`` -> (kind in lower case, or "" when none, location, query)."""
+    body, _, query = str(spec).partition("?")
+    kind, sep, location = body.partition(":")
+    if not sep or len(kind) == 1 or location.startswith("//"):  # a drive letter or URI scheme is not a kind
+        kind, location = "", body
+    return kind.lower(), location, query
+
+
+def absolute_spec(spec: str, base: str | os.PathLike) -> str:
+    """The spec with its location made absolute against ``base`` (``shapes`` and URIs unchanged), so
+    that a Ray worker running in another directory opens the same files."""
+    kind, location, _ = parse_spec(spec)
+    if kind == "shapes" or location in ("", "shapes") or "://" in location:
+        return str(spec)
+    body, sep, query = str(spec).partition("?")
+    prefix = body[: len(body) - len(location)]  # "idx:", "wds:" or nothing
+    return prefix + os.path.normpath(os.path.join(base, os.path.expanduser(location))) + sep + query
+
+
 def open_source(spec: str, partition_size: int | None = None) -> Source:
     """Open a source from its spec string (see the module docstring)."""
     # The readers import this module's types, so they can only be imported once it is loaded.
@@ -278,11 +299,9 @@ def open_source(spec: str, partition_size: int | None = None) -> Source:
     from pipeline.source_tar import TarSource
 
     spec = str(spec)
-    body, params = split_spec(spec)
-    kind, sep, location = body.partition(":")
-    if not sep or len(kind) == 1 or location.startswith("//"):  # a drive letter or URI scheme is not a kind
-        kind, location = "", body
-    kind = kind.lower()
+    kind, location, query = parse_spec(spec)
+    body = spec.partition("?")[0]
+    params = dict(parse_qsl(query, keep_blank_values=True))
     if kind == "shapes" or (not kind and body == "shapes"):
         source: Source = ShapesSource(spec, params, partition_size)
     elif kind == "idx":
@@ -325,6 +344,7 @@ __all__ = [
     "parse_label",
     "partition_of",
     "read_all",
+    "absolute_spec",
     "safe_key",
     "split_spec",
     "with_params",

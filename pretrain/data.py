@@ -28,12 +28,13 @@ import random
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
-from typing import Any, Iterator
+from typing import Annotated, Any, Iterator, Literal
 
 import numpy as np
 import torch
 
 from pipeline import storage
+from pipeline.config import PATH, Range
 from pipeline.images import decode_rgb
 from pipeline.tensors import normalize, pixels  # noqa: F401  (normalize: the step's, re-exported)
 from pipeline.token_cache import CacheError, decode_sample
@@ -44,18 +45,24 @@ AUGMENTS = ("views", "random_resized_crop")
 
 @dataclass
 class DataConfig:
-    tokens: str = ""  # the token cache directory, tokens/<tokenizer_id> (images + tokens)
-    tokenizer: str = ""  # the tokenizer directory: checked against the cache; run by tokens-online
-    img_size: int = 224
+    tokens: Annotated[str, PATH] = ""  # the token cache directory, tokens/<tokenizer_id> (images + tokens)
+    tokenizer: Annotated[str, PATH] = ""  # the tokenizer directory: checked against the cache; run by tokens-online
+    img_size: Annotated[int, Range(ge=1)] = 224
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    batch_size: int = 2048  # global: split evenly over the Ray Train workers
-    loader_workers: int = 4  # data loader processes per Ray Train worker (0: in the training process)
-    shuffle_buffer: int = 2000  # samples, per loader process
-    augment: str = "views"  # views | random_resized_crop (tokens-online and pixels only)
-    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # random_resized_crop area range
-    prefetch: int = 2  # batches prefetched per loader process
+    std: Annotated[list[float], Range(gt=0)] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    batch_size: Annotated[int, Range(ge=1)] = 2048  # global: split evenly over the Ray Train workers
+    loader_workers: Annotated[int, Range(ge=0)] = 4  # data loader processes per Ray Train worker (0: in the training process)
+    shuffle_buffer: Annotated[int, Range(ge=0)] = 2000  # samples, per loader process
+    augment: Literal["views", "random_resized_crop"] = "views"  # views | random_resized_crop (tokens-online and pixels only)
+    crop_scale: Annotated[list[float], Range(gt=0, le=1)] = field(default_factory=lambda: [0.2, 1.0])  # random_resized_crop area range
+    prefetch: Annotated[int, Range(ge=1)] = 2  # batches prefetched per loader process
     verify_shards: bool = False  # check each shard's sha256 (from the manifest) as it is opened
+
+    def validate(self) -> None:
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"mean and std: need 3 values each, got {self.mean} / {self.std}")
+        if len(self.crop_scale) != 2 or self.crop_scale[0] > self.crop_scale[1]:
+            raise ValueError(f"crop_scale: must be [lo, hi] with lo <= hi, got {self.crop_scale}")
 
 
 def _unreadable(url: Any, key: Any, why: object) -> CacheError:

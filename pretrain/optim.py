@@ -4,20 +4,29 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
+
+from pipeline.config import Range
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1.5e-3  # peak learning rate (absolute, for data.batch_size)
-    min_lr: float = 1e-5  # end of the cosine
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    warmup_steps: int = 0  # linear warmup; when 0, warmup_epochs decides
-    warmup_epochs: float = 0.0
-    clip: float | None = 3.0  # max global gradient norm; null disables clipping
+    lr: Annotated[float, Range(gt=0)] = 1.5e-3  # peak learning rate (absolute, for data.batch_size)
+    min_lr: Annotated[float, Range(ge=0)] = 1e-5  # end of the cosine
+    weight_decay: Annotated[float, Range(ge=0)] = 0.05
+    betas: Annotated[list[float], Range(ge=0, lt=1)] = field(default_factory=lambda: [0.9, 0.999])
+    eps: Annotated[float, Range(gt=0)] = 1e-8
+    warmup_steps: Annotated[int, Range(ge=0)] = 0  # linear warmup; when 0, warmup_epochs decides
+    warmup_epochs: Annotated[float, Range(ge=0)] = 0.0
+    clip: Annotated[float | None, Range(gt=0)] = 3.0  # max global gradient norm; null disables clipping
+
+    def validate(self) -> None:
+        if len(self.betas) != 2:
+            raise ValueError(f"betas: must be 2 values, got {self.betas}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -302,7 +303,7 @@ def test_cli_quick_flags_and_recipe(tmp_path):
     args = parser.parse_args(["eval", "--config", "demo", "--set", "k=5", "--encoder", "E", "--methods", "knn,finetune",
                               "--baseline", "none", "--out", str(tmp_path)])
     cfg = config_from_args(args)
-    assert (cfg.encoder, cfg.k, cfg.methods, cfg.baseline) == ("E", 5, ["knn", "finetune"], "none")
+    assert (cfg.encoder, cfg.k, cfg.methods, cfg.baseline) == (os.path.abspath("E"), 5, ["knn", "finetune"], "none")  # paths resolved in the driver
     assert cfg.train_source.startswith("shapes?") and cfg.test_source.endswith("split=test")
     args = parser.parse_args(["eval", "--encoder", "E", "--train", "shapes?n=5"])
     cfg = config_from_args(args)  # no --config with quick flags: the defaults

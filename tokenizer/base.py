@@ -19,12 +19,12 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from torch import nn
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, Range
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -57,10 +57,10 @@ class TokenizerConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     width: int = 64
     depth: int = 2
-    num_heads: int = 4
-    mlp_ratio: float = 4.0
+    num_heads: Annotated[int, Range(ge=1)] = 4
+    mlp_ratio: Annotated[float, Range(gt=0)] = 4.0
     code_dim: int = 32
-    decoder_width: int = 0
+    decoder_width: Annotated[int, Range(ge=0)] = 0
     decoder_depth: int = 1
     # Which implementation of the kind: mimflow's own, or an imported release (tokenizer/released/):
     # "dall-e" (OpenAI's dVAE; decoder_width/decoder_depth/code_dim then describe its decoder, depth 0 = none)
