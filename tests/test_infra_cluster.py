@@ -46,8 +46,12 @@ def test_submit_command_per_stage(tmp_path):
         renv = json.loads(cmd[cmd.index("--runtime-env-json") + 1])
         for must in (".git", ".venv", "/runs", "/demo-out", "/bench/results", "/data", "auth_token", ".env"):
             assert must in renv["excludes"], must
-    no_upload = sub.build_command("eval", [], address="http://x:1", submission_id="j", working_dir=None)
-    assert "--working-dir" not in no_upload and "--runtime-env-json" not in no_upload
+        assert renv["env_vars"] == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}  # no watcher error per run
+    no_upload = sub.build_command("eval", [], address="http://x:1", submission_id="j", working_dir=None,
+                                  env_vars={"A": "1"})
+    assert "--working-dir" not in no_upload
+    renv = json.loads(no_upload[no_upload.index("--runtime-env-json") + 1])
+    assert renv == {"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "A": "1"}}
     with pytest.raises(sub.SubmitError, match="unknown stage"):
         sub.build_command("train", [], address="http://x:1", submission_id="j", working_dir=None)
 
@@ -196,6 +200,17 @@ def test_local_cluster_script_start_submit_stop(tmp_path):
 
         r = script("env")
         assert r.returncode == 0 and "RAY_API_SERVER_ADDRESS" in r.stdout
+        assert "export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in r.stdout.splitlines()
+        # a client shell holding exactly what `env` prints (in a bare environment): the job API and the
+        # GCS address both answer (without the loopback line, ray.init(address=...) times out)
+        shell = subprocess.run(
+            ["bash", "-c", f'eval "$({shlex.quote(sys.executable)} -m infra.local_cluster --state-dir '
+                           f'{shlex.quote(str(state))} env)" && ray job list && python -c "import ray; '
+                           f"ray.init(address='{info.address}'); print('GCS', ray.cluster_resources()['CPU'])\""],
+            env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"),
+                 "PYTHONPATH": str(REPO)}, cwd=REPO, capture_output=True, text=True, timeout=180)
+        assert shell.returncode == 0, shell.stdout + shell.stderr
+        assert "GCS 1.0" in shell.stdout and "[]" in shell.stdout, shell.stdout  # `ray job list`: no jobs yet
         env = _shell_env(r.stdout, {k: v for k, v in os.environ.items() if not k.startswith("RAY_")})
 
         def ray_job(*args):
