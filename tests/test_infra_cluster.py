@@ -210,7 +210,7 @@ def test_local_cluster_script_start_submit_stop(tmp_path):
             env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"),
                  "PYTHONPATH": str(REPO)}, cwd=REPO, capture_output=True, text=True, timeout=180)
         assert shell.returncode == 0, shell.stdout + shell.stderr
-        assert "GCS 1.0" in shell.stdout and "[]" in shell.stdout, shell.stdout  # `ray job list`: no jobs yet
+        assert "GCS 1.0" in shell.stdout, shell.stdout  # (`ray job list` failing, e.g. 401, stops the && chain)
         env = _shell_env(r.stdout, {k: v for k, v in os.environ.items() if not k.startswith("RAY_")})
 
         def ray_job(*args):
