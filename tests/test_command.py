@@ -57,6 +57,32 @@ def test_sigterm_ends_a_command_with_its_line_and_143(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # this process: untouched
 
 
+def test_the_handler_comes_back_after_ray_replaces_it(tmp_path):
+    """Without starting Ray: run_command must not import ray itself (ray reads its environment at import,
+    before ray_session sets the loopback variable), and after `ray.init` replaced the SIGTERM handler
+    (simulated: the same replacement, then Ray's post-init hooks) SIGTERM still gives the line."""
+    code = ("import signal, sys, time\n"
+            "from pipeline.command import run_command\n"
+            "def cmd():\n"
+            "    assert 'ray' not in sys.modules, 'run_command imported ray'\n"
+            "    from ray._private import worker\n"
+            "    signal.signal(signal.SIGTERM, lambda *a: sys.exit(signal.SIGTERM))  # what ray.init does\n"
+            "    for hook in worker._post_init_hooks:  # ... and, at its end, this\n"
+            "        hook()\n"
+            "    print('RUNNING', flush=True)\n"
+            "    time.sleep(60)\n"
+            "rc = run_command('python -m fake', cmd)\n"
+            "from ray._private import worker\n"
+            "print('HOOKS LEFT', len(worker._post_init_hooks), flush=True)\n"
+            "sys.exit(rc)\n")
+    proc = _start(["-c", code], tmp_path)
+    _wait_for(proc, "RUNNING", 120)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err.strip() == f"python -m fake: {LINE}", (out, err)
+    assert "HOOKS LEFT 0" in out  # run_command removed its hook again
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(400)
 def test_sigterm_to_a_running_stage_after_ray_init(tmp_path):
