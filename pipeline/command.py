@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.machinery
+import os
 import signal
 import sys
 import threading
@@ -37,21 +38,22 @@ def run_command(prog: str, command: Callable[[], int | None], interrupted: str =
     """Run a command; errors a user can act on become one line on stderr and exit code 2; Ctrl-C and
     SIGTERM become one line saying what is kept, and exit code 130 / 143."""
     line = f"{prog}: interrupted; {interrupted}"
+    fired: list[bool] = []  # set by the SIGTERM handler, which prints the line itself
     try:
-        with _sigterm_as_interrupt(line):
+        with _sigterm_as_interrupt(line, fired):
             return int(command() or 0)
     except USER_ERRORS as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    except Terminated:  # the handler printed the line already
-        return 128 + signal.SIGTERM
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Terminated, or what Ray re-raises for it (ray.get raises a new one)
+        if fired:
+            return 128 + signal.SIGTERM
         print(line, file=sys.stderr)
         return 130
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt(line: str) -> Iterator[None]:
+def _sigterm_as_interrupt(line: str, fired: list[bool]) -> Iterator[None]:
     """SIGTERM raises `Terminated` in the main thread, after printing `line` at once: `ray job stop`
     SIGKILLs the job a few seconds later (RAY_JOB_STOP_WAIT_TIME_S, default 3), maybe before Ray's
     shutdown in the `finally` blocks ends.
@@ -65,7 +67,16 @@ def _sigterm_as_interrupt(line: str) -> Iterator[None]:
         yield
         return
 
+    owner = os.getpid()
+
     def on_sigterm(signum, frame) -> None:
+        if os.getpid() != owner:  # a forked child (same process group, same handler): die as by default
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        if fired:  # a second SIGTERM while unwinding: the line is out, let the cleanup finish
+            return
+        fired.append(True)
         print(line, file=sys.stderr, flush=True)
         raise Terminated()
 
