@@ -69,6 +69,8 @@ from infra.cluster_state import (DEFAULT_STATE_DIR, LOG_FILE, LOOPBACK, TOKEN_FI
                                  ClusterInfo, cleanup_files, flock, load_cluster, resolve_state_dir, shell_env,
                                  write_state)
 
+# Ray 2.60 on Linux swaps a loopback --node-ip-address for the routable address unless this is "0"
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # Ray names its unix sockets <temp_dir>/session_<date>_<time>_<us>_<pid>/sockets/plasma_store; sun_path
 # holds 107 bytes, so the temp dir must stay short (pytest's tmp_path usually does not).
 MAX_TEMP_DIR_LEN = 40
@@ -173,7 +175,7 @@ def start_cluster(
         env.update({
             "PATH": venv_bin + os.pathsep + env.get("PATH", ""),
             "RAY_AUTH_MODE": auth,
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keep 127.0.0.1 as node IP: loopback-only binds
+            LOOPBACK_ENV: "0",  # keep 127.0.0.1 as node IP: loopback-only binds
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": str(float(drain_timeout_s)),
             TAG_ENV: tag,
@@ -361,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"start one: python -m infra.local_cluster start", file=sys.stderr)
                 return 1
             print(shell_env(info))
+            # A client on this machine that dials the GCS (ray.init(address=...), `ray status`,
+            # `mimflow --address`) must also take 127.0.0.1 as its own node IP, or its connection to
+            # the loopback-only head times out (see start_cluster).
+            print(f"export {LOOPBACK_ENV}=0")
             return 0
     except ClusterError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -94,6 +94,12 @@ def resolve_target(address: str | None = None, state_dir: str | Path | None = No
 # Submit
 
 
+# Set for every job's driver and workers (--env overrides): Ray Train's preemption watcher (spot-instance
+# notices) logs an error per run on clusters that have none; the embedded Ray turns it off the same way
+# (pipeline.ray_context.start_local_ray).
+JOB_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 def new_submission_id(stage: str) -> str:
     return f"mimflow-{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
@@ -117,8 +123,7 @@ def build_command(
     runtime_env: dict = {}
     if working_dir is not None:
         runtime_env["excludes"] = list(DEFAULT_EXCLUDES) + [e for e in excludes if e not in DEFAULT_EXCLUDES]
-    if env_vars:
-        runtime_env["env_vars"] = dict(env_vars)
+    runtime_env["env_vars"] = {**JOB_ENV, **(env_vars or {})}
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", address,
            "--submission-id", submission_id, "--log-style", "record"]
     if working_dir is not None:
