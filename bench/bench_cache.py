@@ -69,7 +69,8 @@ def make_bench_tokenizer(path: Path, model: str, input_size: int) -> str:
     """A tokenizer with random weights (encode cost does not depend on training)."""
     import torch
 
-    from tokenizer.base import TokenizerConfig, build_tokenizer, save_tokenizer
+    from tokenizer.base import TokenizerConfig
+    from tokenizer.checkpoint import build_tokenizer, save_tokenizer
 
     torch.manual_seed(0)
     save_tokenizer(build_tokenizer(TokenizerConfig(**MODELS[model](input_size))), path)
@@ -99,7 +100,7 @@ def reference_rate(tok_dir: str, spec: str, views: int, batch_size: int, device:
 
     from pipeline.sources import open_source
     from tokenizer.cache_worker import _prepare
-    from tokenizer.base import load_tokenizer
+    from tokenizer.checkpoint import load_tokenizer
 
     tok = load_tokenizer(tok_dir)
     if hasattr(tok, "to"):

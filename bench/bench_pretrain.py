@@ -85,7 +85,7 @@ def setup(s: dict[str, Any], workdir: str, device: torch.device, targets=("token
     from pretrain.masking import make_masker
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
     from cache_fixture import write_cache  # a real-format cache from a tokenizer, one shard of n images
-    from tokenizer.base import build_tokenizer, load_tokenizer, save_tokenizer
+    from tokenizer.checkpoint import build_tokenizer, load_tokenizer, save_tokenizer
 
     torch.manual_seed(0)
     tok_dir = os.path.join(workdir, "tokenizer")

@@ -135,7 +135,7 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, log: Callable[
     from pipeline.ray_context import ray_session
     from pipeline.sources import open_source
     from pretrain.train import run_pretrain
-    from tokenizer.base import tokenizer_id
+    from tokenizer.checkpoint import tokenizer_id
     from tokenizer.precompute import build_cache
     from tokenizer.train import train_tokenizer
 

@@ -53,7 +53,7 @@ class PretrainResult:
 
 
 def _load_tokenizer(path: str):
-    from tokenizer.base import load_tokenizer
+    from tokenizer.checkpoint import load_tokenizer
 
     return load_tokenizer(path)
 

@@ -31,7 +31,7 @@ def tok_dir(tmp_path_factory) -> str:
 
 
 def test_round_trip_determinism_and_webdataset(ray_local, tok_dir, shapes_spec, tmp_path):
-    from tokenizer.base import load_tokenizer
+    from tokenizer.checkpoint import load_tokenizer
 
     a = build_cache(tok_dir, shapes_spec, str(tmp_path / "a"), views=2, batch_size=5, num_actors=2, seed=3).cache_dir
     b = build_cache(tok_dir, shapes_spec, str(tmp_path / "b"), views=2, batch_size=16, num_actors=1, seed=3).cache_dir
@@ -128,7 +128,7 @@ def _wait_for_records(cache_dir: Path, n: int, timeout: float = 60.0) -> list[di
 
 
 def test_killed_actor_is_restarted_and_the_build_completes(ray_local, tok_dir, tmp_path):
-    from tokenizer.base import load_tokenizer
+    from tokenizer.checkpoint import load_tokenizer
 
     spec = "shapes?n=40&size=32&seed=1&partition_size=5"
     out = tmp_path / "out"
@@ -153,7 +153,7 @@ def test_killed_actor_is_restarted_and_the_build_completes(ray_local, tok_dir, t
 
 def test_driver_killed_mid_build_then_rerun_completes(ray_local, tok_dir, tmp_path):
     """A real build process, kill -9 after some shards; a rerun finishes without redoing them."""
-    from tokenizer.base import load_tokenizer
+    from tokenizer.checkpoint import load_tokenizer
 
     spec = "shapes?n=48&size=32&seed=2&partition_size=4"
     out = tmp_path / "out"

@@ -11,7 +11,8 @@ def make_tokenizer(path: Path, seed: int = 0) -> str:
     """A tiny dVAE with random weights, saved as a checkpoint directory; returns its path."""
     import torch
 
-    from tokenizer.base import TokenizerConfig, build_tokenizer, save_tokenizer
+    from tokenizer.base import TokenizerConfig
+    from tokenizer.checkpoint import build_tokenizer, save_tokenizer
 
     torch.manual_seed(seed)
     cfg = TokenizerConfig(kind="dvae", vocab_size=64, grid=4, input_size=16, width=8, depth=1, code_dim=8)

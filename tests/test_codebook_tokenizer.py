@@ -18,7 +18,8 @@ from pipeline.images import decode_rgb, encode_png
 from pipeline.tensors import to_tensor
 from pipeline.token_cache import encode_sample, shard_name, write_shard
 from pipeline.views import make_views, render_view
-from tokenizer.base import TokenizerConfig, build_tokenizer, save_tokenizer
+from tokenizer.base import TokenizerConfig
+from tokenizer.checkpoint import build_tokenizer, save_tokenizer
 
 torch.manual_seed(0)
 K = 16
@@ -42,7 +43,7 @@ def dvae_dir(tmp_path_factory) -> Path:
 
 def build_cache(root: Path, tokenizer_dir: Path, shards: int = 3, per_shard: int = 4, views: int = 2, vocab: int | None = None) -> Path:
     """A cache built as the contract says: tokens = tok.encode(render_view(image, view, input_size))."""
-    from tokenizer.base import load_tokenizer
+    from tokenizer.checkpoint import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
     cache = root / tok.tokenizer_id
@@ -92,7 +93,7 @@ def test_vqkd_agreement_and_geometry(tmp_path, vqkd_dir, ray_local):
     assert a["mean_cosine_to_code"] <= 1.0 and rep["tokenizer"]["matches_cache"]
 
     # geometry: FAISS's nearest codes equal numpy's brute force on the tokenizer's own codebook
-    from tokenizer.base import load_tokenizer
+    from tokenizer.checkpoint import load_tokenizer
 
     cb = load_tokenizer(vqkd_dir).codebook().numpy().astype(np.float64)
     sims = cb @ cb.T

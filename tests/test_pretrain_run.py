@@ -148,7 +148,8 @@ def test_tokens_online_with_the_real_tokenizer_matches_the_cache_and_trains(tmp_
     from pretrain.masking import make_masker
     from pretrain.model import build_model
     from pretrain.optim import make_optimizer, make_scheduler
-    from tokenizer.base import TokenizerConfig, build_tokenizer, load_tokenizer, save_tokenizer
+    from tokenizer.base import TokenizerConfig
+    from tokenizer.checkpoint import build_tokenizer, load_tokenizer, save_tokenizer
 
     torch.manual_seed(0)
     tok_dir = tmp_path / "tok"

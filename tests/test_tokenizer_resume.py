@@ -31,7 +31,8 @@ from test_tokenizer_train import TINY_VQKD  # noqa: E402
 
 from pipeline.errors import StageError  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from tokenizer.base import load_tokenizer, tokenizer_id  # noqa: E402
+from tokenizer.checkpoint import tokenizer_id  # noqa: E402
+from tokenizer.checkpoint import load_tokenizer
 from tokenizer.train import train_tokenizer  # noqa: E402
 from tokenizer.train_config import TokenizerTrainConfig  # noqa: E402
 

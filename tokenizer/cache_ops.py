@@ -72,7 +72,7 @@ def refresh(
 ) -> RefreshReport:
     """Bring ``out_root/<tokenizer_id>`` up to date; source, views and seed default to the last cache's."""
     from pipeline.sources import open_source
-    from tokenizer.base import tokenizer_id
+    from tokenizer.checkpoint import tokenizer_id
     from tokenizer.precompute import build_cache
 
     tok_id = tokenizer_id(tokenizer_dir)

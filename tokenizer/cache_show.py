@@ -68,7 +68,7 @@ def find_samples(cache_dir: str, keys: Sequence[str] = (), n: int = 8) -> list[C
 
 
 def _load_tokenizer_for(info: CacheInfo, tokenizer_dir: str | None):
-    from tokenizer.base import load_tokenizer
+    from tokenizer.checkpoint import load_tokenizer
 
     path = tokenizer_dir or info.tokenizer_dir
     if not path or not storage.exists(path):

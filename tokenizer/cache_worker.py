@@ -89,7 +89,7 @@ class PartitionEncoder:
         import torch
 
         from pipeline.sources import open_source
-        from tokenizer.base import load_tokenizer
+        from tokenizer.checkpoint import load_tokenizer
 
         self.params = params
         self.device = torch.device(device)

@@ -221,7 +221,7 @@ def build_cache(
     """Build (or resume, or bring up to date) the token cache ``out_root/<tokenizer_id>``; says what was done."""
     from pipeline.ray_context import ray_session
     from pipeline.sources import open_source
-    from tokenizer.base import load_tokenizer
+    from tokenizer.checkpoint import load_tokenizer
 
     if views < 1:
         raise ValueError(f"views must be >= 1, got {views}")

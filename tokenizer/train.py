@@ -42,7 +42,7 @@ def _parent(path: str) -> str:
 def current_tokenizer(out: str, fingerprint: str) -> dict[str, Any] | None:
     """The ``train.json`` of ``out`` if it records this fingerprint and the checkpoint is intact."""
     from pipeline import storage
-    from tokenizer.base import tokenizer_id
+    from tokenizer.checkpoint import tokenizer_id
 
     meta_path = storage.join(out, "train.json")
     if not storage.exists(meta_path):
@@ -92,13 +92,13 @@ def train_tokenizer(cfg: TokenizerTrainConfig, address: str | None = None, log: 
 
     info = result.return_value or {}
     if "state" in info:
-        from tokenizer.base import build_tokenizer
+        from tokenizer.checkpoint import build_tokenizer
 
         tok = build_tokenizer(cfg.model)
         tok.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in info["state"].items()})
         tok.mark_loaded()
     elif result.checkpoint is not None:
-        from tokenizer.base import load_tokenizer
+        from tokenizer.checkpoint import load_tokenizer
 
         with result.checkpoint.as_directory() as d:
             tok = load_tokenizer(d)
@@ -107,7 +107,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, address: str | None = None, log: 
     if not info:
         raise StageError(f"tokenizer run {run_name!r} returned no summary from rank 0")
 
-    from tokenizer.base import save_tokenizer
+    from tokenizer.checkpoint import save_tokenizer
 
     tok_id = save_tokenizer(tok, out)
     if info.get("reconstructions") is not None:

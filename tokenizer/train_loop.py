@@ -53,7 +53,7 @@ class _Trainee:
     """Builds the tokenizer (+ decoder and teacher for VQ-KD) and runs one training forward."""
 
     def __init__(self, cfg: TokenizerTrainConfig, device: torch.device):
-        from tokenizer.base import build_tokenizer
+        from tokenizer.checkpoint import build_tokenizer
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.cfg = cfg
@@ -145,7 +145,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
     from pipeline.config import from_dict
     from pipeline.ray_context import quiet_train_worker_logs
-    from tokenizer.base import save_tokenizer
+    from tokenizer.checkpoint import save_tokenizer
     from tokenizer.quantizer import usage_stats
 
     cfg = from_dict(TokenizerTrainConfig, loop_config["cfg"])

@@ -42,7 +42,7 @@ def resolve_cache_dir(location: str) -> str:
 
 def load_checked_tokenizer(tokenizer_dir: str, info: CacheInfo, vocab_size: int):
     try:
-        from tokenizer.base import load_tokenizer
+        from tokenizer.checkpoint import load_tokenizer
     except ImportError as e:  # pragma: no cover - the tokenizer package is a sibling stage
         raise StageError(f"cannot load tokenizers: {e}") from None
     try:

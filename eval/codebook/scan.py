@@ -125,7 +125,7 @@ def encode_sample_of_shard(shard: str, tokenizer_dir: str, limit: int, batch_siz
     from pipeline.token_cache import decode_sample
     from pipeline.tensors import to_tensor
     from pipeline.views import render_view
-    from tokenizer.base import load_tokenizer
+    from tokenizer.checkpoint import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir, map_location=device)
     samples = read_shard(shard)[:limit]
