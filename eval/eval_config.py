@@ -43,6 +43,7 @@ class FinetuneConfig:
     clip_grad: float | None = None
     augment: bool = True  # random-resized crop + flip
     keep_model: bool = True  # the final checkpoint holds the fine-tuned classifier (timm Beit + head)
+    max_failures: int = 3  # killed workers replaced inside the run, each time from the newest epoch's checkpoint
 
     def __post_init__(self):
         if not 0.0 < self.label_fraction <= 1.0:

@@ -41,6 +41,6 @@ class PretrainConfig:
     keep_checkpoints: int | None = 2
     run_name: str = "pretrain"
     out: str = "runs/pretrain"  # storage path (local or URI, shared by all nodes on a cluster)
-    max_failures: int = 0  # worker failures Ray Train recovers from (from the last checkpoint)
+    max_failures: int = 3  # killed workers replaced inside the run, each time from the newest checkpoint
     seed: int = 0
     log_every: int = 20  # steps between progress lines / metrics records

@@ -75,15 +75,10 @@ def pixels(img) -> torch.Tensor:
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
 
 
-def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[B, 3, H, W]`` -> float ``(x / 255 - mean) / std``; done in the step, on its device."""
-    return (images.float().div_(255.0) - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
-
-
 class SampleTransform:
     """Cache sample → ``{"image", "mask", "tokens" | "tok_image"}``; runs in loader workers (picklable).
 
-    Images stay uint8 ``[3, H, W]`` here (the step normalises them on its device: ``normalize``).
+    Images stay uint8 ``[3, H, W]`` here (the step normalises them on its device: ``pipeline.train_worker.normalize_uint8``).
     """
 
     def __init__(self, *, img_size: int, masker, target: str = "tokens",
@@ -168,5 +163,5 @@ def make_loader(dataset, num_batches: int, *, workers: int = 0, prefetch: int = 
     return wds.WebLoader(dataset, **kwargs).with_epoch(num_batches)
 
 
-__all__ = ["AUGMENTS", "DataConfig", "SampleTransform", "collate", "make_dataset", "make_loader", "normalize",
+__all__ = ["AUGMENTS", "DataConfig", "SampleTransform", "collate", "make_dataset", "make_loader",
            "pixels", "random_view", "split_by_rank"]

@@ -7,7 +7,8 @@ import torch
 from pipeline.images import decode_rgb, to_tensor
 from pipeline.shards import decode_sample, read_shard
 from pipeline.views import render_view
-from pretrain.data import SampleTransform, make_dataset, make_loader, normalize, pixels, random_view
+from pipeline.train_worker import normalize_uint8 as normalize
+from pretrain.data import SampleTransform, make_dataset, make_loader, pixels, random_view
 from pretrain.masking import BlockMasking
 from pretrain.synthetic import PatchColorTokenizer, write_cache
 

@@ -18,7 +18,7 @@ from tokenizer.base import TokenizerConfig
 # Execution-only fields: changing them does not change what is trained.
 _EXECUTION_FIELDS = (
     "out", "storage_path", "run_name", "num_workers", "cpus_per_worker", "use_gpu",
-    "loader_workers", "checkpoint_every",
+    "loader_workers", "checkpoint_every", "max_failures",
 )
 
 
@@ -78,6 +78,7 @@ class TokenizerTrainConfig:
     run_name: str | None = None  # default: tokenizer-<kind>-<fingerprint>
     storage_path: str | None = None  # Ray Train storage; default: <parent of out>/ray
     checkpoint_every: int = 1  # epochs (the last epoch is always checkpointed)
+    max_failures: int = 3  # killed workers replaced inside the run, each time from the newest checkpoint
 
     def __post_init__(self):
         checks = [
