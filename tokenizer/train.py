@@ -22,21 +22,23 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pipeline.config import ConfigError, to_dict
+from pipeline import storage
+from pipeline.config import ConfigError, dump_config, to_dict
+from pipeline.errors import StageError
+from pipeline.images import encode_png
+from pipeline.ray_context import ray_session, require_gpu
+from pipeline.sources import open_source
 from pipeline.train_harness import FitSpec, fit
+from tokenizer.base import build_tokenizer, load_tokenizer, save_tokenizer, tokenizer_id
 from tokenizer.train_config import TokenizerTrainConfig, make_plan, teacher_for, training_fingerprint
 from tokenizer.train_loop import TokenizerJob, train_loop_per_worker
 
 
 def _local_or_uri(path: str) -> str:
-    from pipeline import storage
-
     return path if storage.is_uri(path) else str(Path(path).expanduser().resolve())
 
 
 def _parent(path: str) -> str:
-    from pipeline import storage
-
     if storage.is_uri(path):
         return path.rstrip("/").rsplit("/", 1)[0]
     return str(Path(path).parent)
@@ -44,9 +46,6 @@ def _parent(path: str) -> str:
 
 def current_tokenizer(out: str, fingerprint: str) -> dict[str, Any] | None:
     """The ``train.json`` of ``out`` if it records this fingerprint and the checkpoint is intact."""
-    from pipeline import storage
-    from tokenizer.base import tokenizer_id
-
     meta_path = storage.join(out, "train.json")
     if not storage.exists(meta_path):
         return None
@@ -61,11 +60,6 @@ def current_tokenizer(out: str, fingerprint: str) -> dict[str, Any] | None:
 
 def train_tokenizer(cfg: TokenizerTrainConfig, address: str | None = None, log: Callable[[str], None] = print) -> Path:
     """Train (or reuse) the tokenizer described by ``cfg``; returns its directory (``cfg.out``)."""
-    from pipeline import storage
-    from pipeline.errors import StageError
-    from pipeline.ray_context import ray_session, require_gpu
-    from pipeline.sources import open_source
-
     out = _local_or_uri(cfg.out)
     source = open_source(cfg.source)
     if len(source) == 0:
@@ -98,14 +92,10 @@ def train_tokenizer(cfg: TokenizerTrainConfig, address: str | None = None, log: 
 
     info = result.return_value or {}
     if "state" in info:
-        from tokenizer.base import build_tokenizer
-
         tok = build_tokenizer(cfg.model)
         tok.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in info["state"].items()})
         tok.mark_loaded()
     elif result.checkpoint is not None:
-        from tokenizer.base import load_tokenizer
-
         with result.checkpoint.as_directory() as d:
             tok = load_tokenizer(d)
     else:
@@ -113,15 +103,9 @@ def train_tokenizer(cfg: TokenizerTrainConfig, address: str | None = None, log: 
     if not info:
         raise StageError(f"tokenizer run {run_name!r} returned no summary from rank 0")
 
-    from tokenizer.base import save_tokenizer
-
     tok_id = save_tokenizer(tok, out)
     if info.get("reconstructions") is not None:
-        from pipeline.images import encode_png
-
         storage.write_bytes_atomic(storage.join(out, "reconstructions.png"), encode_png(info["reconstructions"]))
-    from pipeline.config import dump_config
-
     storage.write_bytes_atomic(storage.join(out, "config.yaml"), dump_config(cfg).encode())
     held = info["heldout"]
     meta = {
