@@ -58,8 +58,8 @@ class WorkerEnv:
         model.to(self.device)
         if self.world == 1:
             return model
-        ids = [self.device.index] if self.gpu else None
-        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=broadcast_buffers)
+        ids = dict(device_ids=[self.device], output_device=self.device) if self.gpu else {}
+        return DistributedDataParallel(model, broadcast_buffers=broadcast_buffers, **ids)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks (on the training device: NCCL reduces CUDA tensors only); same device back."""
@@ -76,6 +76,8 @@ def worker_env(*, cpus: float, use_gpu: bool, amp: bool = True) -> WorkerEnv:
     torch.set_num_threads(max(1, int(cpus)))
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL and bare .cuda() calls use the current device
     return WorkerEnv(ctx.get_world_rank(), ctx.get_world_size(), device, amp and device.type == "cuda")
 
 
