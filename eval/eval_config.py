@@ -44,6 +44,7 @@ class FinetuneConfig:
     clip_grad: Annotated[float | None, Range(gt=0)] = None
     augment: bool = True  # random-resized crop + flip
     keep_model: bool = True  # the final checkpoint holds the fine-tuned classifier (timm Beit + head)
+    max_failures: int = 3  # killed workers replaced inside the run, each time from the newest epoch's checkpoint
 
 
 @dataclass

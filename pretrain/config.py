@@ -42,7 +42,7 @@ class PretrainConfig:
     keep_checkpoints: Annotated[int | None, Range(ge=1)] = 2
     run_name: str = "pretrain"
     out: Annotated[str, PATH] = "runs/pretrain"  # storage path (local or URI, shared by all nodes on a cluster)
-    max_failures: Annotated[int, Range(ge=-1)] = 0  # worker failures Ray Train recovers from (from the last checkpoint)
+    max_failures: Annotated[int, Range(ge=-1)] = 3  # killed workers replaced inside the run, each time from the newest checkpoint
     seed: int = 0
     log_every: Annotated[int, Range(ge=1)] = 20  # steps between progress lines / metrics records
 

@@ -36,7 +36,7 @@ import torch
 from pipeline import storage
 from pipeline.config import PATH, Range
 from pipeline.images import decode_rgb
-from pipeline.tensors import normalize, pixels  # noqa: F401  (normalize: the step's, re-exported)
+from pipeline.tensors import pixels
 from pipeline.token_cache import CacheError, decode_sample
 from pipeline.views import random_resized_crop, render_view
 
@@ -110,7 +110,7 @@ def split_by_rank(src: Iterator[Any], rank: int = 0, world: int = 1) -> Iterator
 class SampleTransform:
     """Cache sample → ``{"image", "mask", "tokens" | "tok_image"}``; runs in loader workers (picklable).
 
-    Images stay uint8 ``[3, H, W]`` here (the step normalises them on its device: ``normalize``).
+    Images stay uint8 ``[3, H, W]`` here (the step normalises them on its device: ``pipeline.tensors.normalize``).
     """
 
     def __init__(self, *, img_size: int, masker, target: str = "tokens",
@@ -220,5 +220,5 @@ def make_loader(dataset, num_batches: int, *, workers: int = 0, prefetch: int = 
     return wds.WebLoader(dataset, **kwargs).with_epoch(num_batches)
 
 
-__all__ = ["AUGMENTS", "DataConfig", "SampleTransform", "ShardOpener", "collate", "make_dataset", "make_loader", "normalize",
-           "pixels", "split_by_rank"]
+__all__ = ["AUGMENTS", "DataConfig", "SampleTransform", "ShardOpener", "collate", "make_dataset", "make_loader",
+           "split_by_rank"]

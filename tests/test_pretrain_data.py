@@ -8,9 +8,9 @@ import torch
 
 from pipeline.images import decode_rgb
 from pipeline.token_cache import decode_sample, read_shard
-from pipeline.tensors import to_tensor
 from pipeline.views import random_resized_crop, render_view
-from pretrain.data import SampleTransform, make_dataset, make_loader, normalize, pixels
+from pipeline.tensors import normalize, pixels, to_tensor
+from pretrain.data import SampleTransform, make_dataset, make_loader
 from pretrain.masking import BlockMasking
 from cache_fixture import PatchColorTokenizer, write_cache
 

@@ -85,12 +85,12 @@ def test_two_workers_on_uneven_shards_then_stop_and_resume(ray_local, uneven_cac
 
 
 def test_stale_and_incomplete_caches_are_errors_naming_ids_and_the_fix(tmp_path, monkeypatch, capsys):
-    import pretrain.train as train
+    import pretrain.plan as plan
     from mimflow.cli import main
 
     stale = tmp_path / "tokens" / "old"
     write_cache(str(stale), PatchColorTokenizer((4, 4), 32, levels=3), "shapes?n=8&size=32", [8])
-    monkeypatch.setattr(train, "_load_tokenizer", lambda path: TOK)
+    monkeypatch.setattr(plan, "load_tokenizer", lambda path: TOK)
     cfg = _cfg(stale, tmp_path / "runs", f"data.tokenizer={tmp_path}/tok")
     with pytest.raises(CacheError) as e:
         plan_run(cfg)

@@ -17,7 +17,7 @@ from tokenizer.base import TokenizerConfig
 # Execution-only fields: changing them does not change what is trained.
 _EXECUTION_FIELDS = (
     "out", "storage_path", "run_name", "num_workers", "cpus_per_worker", "use_gpu",
-    "loader_workers", "checkpoint_every",
+    "loader_workers", "checkpoint_every", "max_failures",
 )
 
 
@@ -77,6 +77,7 @@ class TokenizerTrainConfig:
     run_name: str | None = None  # default: tokenizer-<kind>-<fingerprint>
     storage_path: Annotated[str | None, PATH] = None  # Ray Train storage; default: <parent of out>/ray
     checkpoint_every: Annotated[int, Range(ge=1)] = 1  # epochs (the last epoch is always checkpointed)
+    max_failures: Annotated[int, Range(ge=-1)] = 3  # killed workers replaced inside the run, each time from the newest checkpoint
 
     def validate(self) -> None:
         if self.crop_scale[0] > self.crop_scale[1]:
