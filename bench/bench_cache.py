@@ -69,7 +69,8 @@ def make_bench_tokenizer(path: Path, model: str, input_size: int) -> str:
     """A tokenizer with random weights (encode cost does not depend on training)."""
     import torch
 
-    from tokenizer.base import TokenizerConfig, build_tokenizer, save_tokenizer
+    from tokenizer.base import TokenizerConfig
+    from tokenizer.checkpoint import build_tokenizer, save_tokenizer
 
     torch.manual_seed(0)
     save_tokenizer(build_tokenizer(TokenizerConfig(**MODELS[model](input_size))), path)
@@ -99,7 +100,7 @@ def reference_rate(tok_dir: str, spec: str, views: int, batch_size: int, device:
 
     from pipeline.sources import open_source
     from tokenizer.cache_worker import _prepare
-    from tokenizer.base import load_tokenizer
+    from tokenizer.checkpoint import load_tokenizer
 
     tok = load_tokenizer(tok_dir)
     if hasattr(tok, "to"):
@@ -129,7 +130,7 @@ def reference_rate(tok_dir: str, spec: str, views: int, batch_size: int, device:
         sync()
         encode_s = time.perf_counter() - t0
 
-    from pipeline.shards import encode_sample, shard_bytes
+    from pipeline.token_cache import encode_sample, shard_bytes
 
     t0 = time.perf_counter()
     tokens = np.zeros((views, *tok.grid), np.uint16)
@@ -148,10 +149,10 @@ def reference_rate(tok_dir: str, spec: str, views: int, batch_size: int, device:
 def build_rate(tok_dir: str, spec: str, out: str, views: int, batch_size: int, actors: int | None) -> tuple[float, dict]:
     import ray
 
-    from tokenizer.precompute import run_build
+    from tokenizer.precompute import build_cache
 
     t0 = time.perf_counter()
-    report = run_build(tok_dir, spec, out, views, batch_size=batch_size, num_actors=actors, progress_every=30.0)
+    report = build_cache(tok_dir, spec, out, views, batch_size=batch_size, num_actors=actors, progress_every=30.0)
     seconds = time.perf_counter() - t0
     assert report.encoded == report.partitions, "the bench cache must be built from scratch"
     res = ray.cluster_resources()

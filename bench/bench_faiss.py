@@ -124,8 +124,11 @@ def bench_assign(size: dict, device: str, gpu_faiss: bool) -> list[dict]:
 
 def make_report_cache(root: Path, shards: int, images: int, grid: int, k: int) -> Path:
     from pipeline.images import encode_png
-    from pipeline.shards import encode_sample, shard_name, write_manifest, write_shard
+    from pipeline.token_cache import encode_sample
     from pipeline.views import centre_view
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from cache_fixture import commit_shards
 
     rng = np.random.default_rng(0)
     cache = root / "benchtok"
@@ -135,19 +138,16 @@ def make_report_cache(root: Path, shards: int, images: int, grid: int, k: int) -
     p /= p.sum()
     pixels = [rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8) for _ in range(16)]
     pngs = [encode_png(px) for px in pixels]
-    rows, n, per = [], 0, images // shards
+    shard_members, n, per = [], 0, images // shards
     for s in range(shards):
         members = []
         tokens = rng.choice(k, size=(per, 1, grid, grid), p=p).astype(np.uint16)
         for i in range(per):
             members.append(encode_sample(f"b{n:07d}", pngs[n % 16], "png", tokens[i], 32, 32, [centre_view(32, 32)], n % 10))
             n += 1
-        count, nbytes, sha = write_shard(str(cache / shard_name(s)), members)
-        rows.append({"shard": shard_name(s), "samples": count, "bytes": nbytes, "sha256": sha, "tokenizer_id": "benchtok",
-                     "source_fingerprint": "bench", "views": 1, "created": None})
-    info = {"tokenizer_id": "benchtok", "kind": "vqkd", "vocab_size": k, "grid": [grid, grid], "input_size": 8 * grid, "views": 1}
-    (cache / "cache.json").write_text(__import__("json").dumps(info))
-    write_manifest(str(cache), rows)
+        shard_members.append(members)
+    commit_shards(str(cache), shard_members, tokenizer_id="benchtok", kind="vqkd", vocab_size=k, grid=[grid, grid],
+                  input_size=8 * grid, views=1)
     return cache
 
 
@@ -155,7 +155,7 @@ def bench_report(size: dict) -> dict:
     import ray
 
     from eval.codebook.report import codebook_report
-    from pipeline.shards import read_shard, tokens_from_npy
+    from pipeline.token_cache import read_shard, tokens_from_npy
 
     work = Path(tempfile.mkdtemp(prefix="bench-faiss-"))
     try:

@@ -4,7 +4,9 @@ One loader process (``workers=0``: in this process) runs the real pipeline: webd
 shuffle buffer, decode the source bytes, rebuild the cached view with ``render_view``, normalise,
 draw a blockwise mask, batch. Its images/s, times the recipe's loader processes, should be at least
 3× what the training step consumes (``pretrain.loop.train_step`` on the same batches), so the step,
-not the loader, sets the pace. Also: blockwise masks/s, and their share of the loader's time.
+not the loader, sets the pace. Also: blockwise masks/s, and their share of the loader's time, and the
+cost of ``data.verify_shards`` (each shard's sha256 checked as it is opened): the loader's images/s
+with it over without, in one run.
 
     python -m bench.bench_loader --size cpu     # the demo: 64 px, 8x8 grid, 26 masked, 1 loader process
     python -m bench.bench_loader --size gpu     # BEiT base: 224 px, 14x14 grid, 75 masked, 8 loader processes
@@ -28,11 +30,12 @@ from bench.common import emit, size_parser
 LOADER_WORKERS = {"cpu": 1, "gpu": 8}  # the demo / base recipes' data.loader_workers
 
 
-def loader_rate(urls: list[str], masker, s: dict[str, Any], batches: int) -> float:
+def loader_rate(urls: list[str], masker, s: dict[str, Any], batches: int, sha256: dict[str, str] | None = None,
+                vocab_size: int | None = None) -> float:
     from pretrain.data import SampleTransform, make_dataset, make_loader
 
-    t = SampleTransform(img_size=s["img"], masker=masker, target="tokens")
-    ds = make_dataset(urls, t, s["batch"], shuffle_buffer=512)
+    t = SampleTransform(img_size=s["img"], masker=masker, target="tokens", vocab_size=vocab_size)
+    ds = make_dataset(urls, t, s["batch"], shuffle_buffer=512, sha256=sha256)
     it = iter(make_loader(ds, batches + 2, workers=0))
     next(it), next(it)  # fill the shuffle buffer, warm caches
     times = []
@@ -55,7 +58,13 @@ def measure(size: str, device: torch.device) -> dict[str, Any]:
     gpu = device.type == "cuda"
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as workdir:
         tok, batches, urls, masker = setup(s, workdir, device, targets=("tokens",))
-        per_worker = loader_rate(urls, masker, s, batches=16 if size == "cpu" else 24)
+        n = 16 if size == "cpu" else 24
+        per_worker = loader_rate(urls, masker, s, batches=n, vocab_size=tok.vocab_size)
+        from pipeline.token_cache import check_cache
+
+        _, rows = check_cache(os.path.dirname(urls[0]))
+        sha = {u: r["sha256"] for u, r in zip(urls, rows)}
+        verified = loader_rate(urls, masker, s, batches=n, sha256=sha, vocab_size=tok.vocab_size)
 
     rng = np.random.default_rng(0)
     chunks = []
@@ -100,6 +109,8 @@ def measure(size: str, device: torch.device) -> dict[str, Any]:
         "loader_images_per_s_per_worker": round(per_worker, 1),
         "loader_workers": workers,
         "workers_for_3x": int(np.ceil(3 * step_rate / per_worker)),
+        "loader_images_per_s_verify_shards": round(verified, 1),
+        "verify_shards_ratio": round(verified / per_worker, 3),  # <1: the sha256 check's cost
         "block_masks_per_s": round(masks_per_s, 1),
         "mask_share_of_loader_time": round(per_worker / masks_per_s, 4),
         "size": size,

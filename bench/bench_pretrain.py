@@ -2,7 +2,7 @@
 
 Same model, same data, same batch, same tokenizer; the only difference is where the targets come
 from. Both arms run ``pretrain.loop.train_step`` (the training loop's own step) on batches made by the
-real loader from a real token cache (``pipeline.shards`` format), held in memory so that the loader
+real loader from a real token cache (``pipeline.token_cache`` format), held in memory so that the loader
 (measured separately by ``bench_loader``) does not colour the comparison. The tokenizer's share of an
 online step is measured too; removing it can at best give ``limit = 1 / (1 - share)``, and the cache
 should reach at least 95% of that limit. The share is timed inside the online step (a separate pass,
@@ -83,8 +83,9 @@ def setup(s: dict[str, Any], workdir: str, device: torch.device, targets=("token
     """A saved tokenizer, a real cache made with it, and in-memory batches per target from the real loader."""
     from pretrain.data import SampleTransform, make_dataset, make_loader
     from pretrain.masking import make_masker
-    from pretrain.synthetic import write_cache
-    from tokenizer.base import build_tokenizer, load_tokenizer, save_tokenizer
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from cache_fixture import write_cache  # a real-format cache from a tokenizer, one shard of n images
+    from tokenizer.checkpoint import build_tokenizer, load_tokenizer, save_tokenizer
 
     torch.manual_seed(0)
     tok_dir = os.path.join(workdir, "tokenizer")
@@ -95,7 +96,7 @@ def setup(s: dict[str, Any], workdir: str, device: torch.device, targets=("token
     write_cache(cache, tok, f"shapes?n={s['n']}&size={s['img']}&seed=1", [s["n"]])
     grid = (s["img"] // model_config(s["model"]).patch,) * 2
     masker = make_masker(s.get("mask", "block"), grid, s["num_masked"], min_block=s["min_block"])
-    from pipeline.shards import check_cache, shard_urls
+    from pipeline.token_cache import check_cache, shard_urls
 
     _, rows = check_cache(cache, tok.tokenizer_id)
     urls = shard_urls(cache, rows)

@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from bench.common import emit, size_parser
     from pipeline.config import load_config
-    from tokenizer.base import build_tokenizer
+    from tokenizer.checkpoint import build_tokenizer
     from tokenizer.train_config import TokenizerTrainConfig
 
     parser = size_parser(__doc__.splitlines()[0])

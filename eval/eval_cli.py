@@ -6,10 +6,9 @@ Kept free of torch/ray imports at module level: ``mimflow --help`` must stay ins
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
-from pipeline.command import add_config_arguments
+from pipeline.command import add_config_arguments, print_config
 from pipeline.ray_context import add_ray_arguments
 
 DESCRIPTION = """\
@@ -54,7 +53,7 @@ def register_eval(sub) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from pipeline.config import ConfigError, load_config
+    from pipeline.config import ConfigError, from_dict, load_config, to_dict
 
     from eval.eval_config import EvalConfig
 
@@ -70,16 +69,16 @@ def config_from_args(args: argparse.Namespace):
         bad = [m for m in quick["methods"] if m not in ("knn", "linear", "finetune")]
         if bad:
             raise ConfigError(f"--methods: unknown method(s) {bad}; choose from knn, linear, finetune")
-    try:
-        return dataclasses.replace(cfg, **quick)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    # through from_dict, so the quick flags are checked and resolved like the recipe's values
+    return from_dict(EvalConfig, {**to_dict(cfg), **quick}) if quick else cfg
 
 
 def handle_eval(args: argparse.Namespace) -> int:
     from eval.evaluate import format_table, run_eval
 
     cfg = config_from_args(args)
+    if print_config(args, cfg):
+        return 0
     doc = run_eval(cfg, address=args.address, num_cpus=args.num_cpus)
     print(format_table(doc))
     sys.stdout.flush()

@@ -1,16 +1,18 @@
-"""Fine-tuning: the whole encoder plus a linear head, on Ray Train (``TorchTrainer``).
+"""Fine-tuning: the whole encoder plus a linear head, a training loop on the harness (``pipeline.train_harness``).
 
 BEiT's recipe, scaled down: layer-wise learning-rate decay (block ``i`` of ``depth`` gets
 ``lr * decay^(depth - i)``, the patch embedding, [CLS] and position embeddings
-``lr * decay^(depth + 1)``, the head and final norms ``lr``), stochastic depth (drop path), AdamW
-without weight decay on biases, norms and embeddings, linear warmup then cosine decay per step,
-label smoothing, random-resized-crop + flip augmentation. Top-1 on the test split after every
-epoch. ``label_fraction`` trains on a deterministic, class-balanced subset of the training labels
-(e.g. 1% or 10%), where pretraining pays most.
+``lr * decay^(depth + 1)``, the head and final norms ``lr``: ``pipeline.train_worker.param_groups``),
+stochastic depth (drop path), AdamW without weight decay on biases, norms and embeddings, linear warmup
+then cosine decay per step, label smoothing, random-resized-crop + flip augmentation. Top-1 on the
+test split after every epoch. ``label_fraction`` trains on a deterministic, class-balanced subset of
+the training labels (e.g. 1% or 10%), where pretraining pays most.
 
 The driver puts the decoded images and the encoder weights in the object store; every worker builds
 the model, takes its slice of each global batch (all ranks run the same number of steps) and its
-slice of the test set, and the counts are all-reduced.
+slice of the test set, and the counts are all-reduced. Every epoch reports a checkpoint (the
+classifier, AdamW, RNG states, the history), so a killed worker restarts inside the run from the
+newest finished epoch; the last epoch's checkpoint holds the history and the fine-tuned classifier.
 """
 
 from __future__ import annotations
@@ -18,79 +20,23 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 import torch.nn.functional as F
 
-_STEM = ("cls_token", "pos_embed", "patch_embed", "mask_token", "rel_pos_bias")
-
-
-# ------------------------------------------------------------------------------ layer-wise lr decay
-
-
-def layer_id(name: str, depth: int) -> int:
-    """0 for the stem (patch embedding, [CLS], position embeddings), i+1 for ``blocks.i``, depth+1 for the rest."""
-    m = re.match(r"^blocks\.(\d+)\.", name)
-    if m:
-        return int(m.group(1)) + 1
-    if name.split(".")[0] in _STEM:
-        return 0
-    return depth + 1
-
-
-def lr_scale(name: str, depth: int, layer_decay: float) -> float:
-    return float(layer_decay ** (depth + 1 - layer_id(name, depth)))
-
-
-def param_groups_lrd(
-    model: torch.nn.Module,
-    base_lr: float,
-    *,
-    weight_decay: float = 0.05,
-    layer_decay: float = 0.65,
-) -> list[dict[str, Any]]:
-    """Optimizer groups, one per (layer, decay / no decay), each with its ``lr`` and ``lr_scale``.
-
-    No weight decay on 1-d parameters (biases, norms, layer scales) and on the model's
-    ``no_weight_decay()`` names (position embeddings, [CLS], relative position bias tables).
-    """
-    depth = len(model.blocks)
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    groups: dict[tuple[int, bool], dict[str, Any]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        no_decay = param.ndim <= 1 or name.endswith(".bias") or name in skip
-        lid = layer_id(name, depth)
-        key = (lid, no_decay)
-        if key not in groups:
-            scale = float(layer_decay ** (depth + 1 - lid))
-            groups[key] = {
-                "params": [],
-                "param_names": [],
-                "layer": lid,
-                "lr_scale": scale,
-                "lr": base_lr * scale,
-                "weight_decay": 0.0 if no_decay else weight_decay,
-            }
-        groups[key]["params"].append(param)
-        groups[key]["param_names"].append(name)
-    return [groups[k] for k in sorted(groups)]
-
-
-def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float = 0.0) -> float:
-    """Linear warmup from 0 over ``warmup_steps``, then cosine from ``base_lr`` down to ``min_lr``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    rest = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / rest)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+from eval.eval_config import FinetuneConfig
+from pipeline.ray_context import cluster_has_gpu
+from pipeline.train_harness import FitSpec, fit
+from pipeline.tensors import normalize
+from pipeline.train_worker import (WorkerEnv, apply_lr, derive_seed, load_torch, load_weights,
+                                   param_groups, report, restored, save_json, save_torch, save_weights,
+                                   seed_everything, warmup_cosine, worker_env)
 
 
 # ----------------------------------------------------------------------------------- label subsets
@@ -144,7 +90,7 @@ def build_classifier(timm_kwargs: dict, state: dict, num_classes: int, drop_path
     import timm.models.beit as beit
 
     kwargs = {**timm_kwargs, "num_classes": num_classes, "drop_path_rate": drop_path}
-    torch.manual_seed(seed)
+    seed_everything(seed)
     model = beit.Beit(**kwargs)
     missing, unexpected = model.load_state_dict(state, strict=False)
     bad = [k for k in missing if not k.startswith("head.")] + list(unexpected)
@@ -153,117 +99,148 @@ def build_classifier(timm_kwargs: dict, state: dict, num_classes: int, drop_path
     return model
 
 
-def _train_loop(config: dict) -> None:
-    import ray
-    import ray.train
-    import ray.train.torch
+@dataclass
+class FinetuneJob:
+    """What the driver hands every worker (images and encoder weights as object-store references)."""
 
-    torch.set_num_threads(max(1, int(config["threads"])))
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    data = ray.get(config["data"])
-    state = ray.get(config["state"])
-    enc = config["encoder"]
-    device = ray.train.torch.get_device()
-    model = build_classifier(enc["timm_kwargs"], state, config["num_classes"], config["drop_path"], config["seed"])
-    model = ray.train.torch.prepare_model(model)
-    core = model.module if hasattr(model, "module") else model
-    groups = param_groups_lrd(core, config["lr"], weight_decay=config["weight_decay"], layer_decay=config["layer_decay"])
-    opt = torch.optim.AdamW(groups, lr=config["lr"], betas=(0.9, 0.999))
-    mean = torch.tensor(enc["mean"], device=device).view(1, 3, 1, 1)
-    std = torch.tensor(enc["std"], device=device).view(1, 3, 1, 1)
-    use_amp = device.type == "cuda"
+    cfg: FinetuneConfig
+    data: Any  # ObjectRef of {"train_x", "train_y", "test_x", "test_y"} (uint8 NCHW images, int labels)
+    state: Any  # ObjectRef of the encoder's state dict
+    encoder: dict[str, Any]  # timm_kwargs, mean, std, img_size, encoder_id
+    classes: list[str]
+    num_classes: int
+    seed: int
+    use_gpu: bool
 
-    def prep(pixels: np.ndarray, gen: torch.Generator | None) -> torch.Tensor:
-        x = torch.from_numpy(np.array(pixels)).to(device).float().div_(255.0)  # a copy: object-store arrays are read-only
-        if gen is not None:
-            x = random_resized_crop_flip(x, gen)
-        return (x - mean) / std
 
+def _prep(pixels: np.ndarray, env: WorkerEnv, mean: torch.Tensor, std: torch.Tensor,
+          gen: torch.Generator | None) -> torch.Tensor:
+    x = torch.from_numpy(np.array(pixels)).to(env.device)  # a copy: object-store arrays are read-only
+    if gen is None:
+        return normalize(x, mean, std)
+    x = random_resized_crop_flip(x.float().div_(255.0), gen)  # crops interpolate: in [0, 1], then standardise
+    return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
+def _top1(model: torch.nn.Module, env: WorkerEnv, test_x, test_y, mean, std) -> torch.Tensor:
+    """Correct predictions on this rank's slice of the test set."""
+    model.eval()
+    correct = torch.zeros((), dtype=torch.float64)
+    with torch.no_grad(), env.autocast():
+        for start in range(0, len(test_x), 256):
+            logits = model(_prep(test_x[start : start + 256], env, mean, std, None))
+            correct += (logits.argmax(1).cpu() == test_y[start : start + 256]).sum().double()
+    return correct
+
+
+def train_loop_per_worker(job: FinetuneJob) -> None:
+    cfg, enc = job.cfg, job.encoder
+    env = worker_env(cpus=cfg.cpus_per_worker, use_gpu=job.use_gpu)
+    data, state = ray.get(job.data), ray.get(job.state)
+    core = build_classifier(enc["timm_kwargs"], state, job.num_classes, cfg.drop_path, job.seed)
+    model = env.wrap(core)  # DDP when world > 1
+    opt = torch.optim.AdamW(param_groups(core, cfg.weight_decay, layer_decay=cfg.layer_decay, base_lr=cfg.lr),
+                            lr=cfg.lr, betas=(0.9, 0.999))
+    mean = torch.tensor(enc["mean"], device=env.device)
+    std = torch.tensor(enc["std"], device=env.device)
     train_x, train_y = data["train_x"], torch.from_numpy(np.array(data["train_y"]))
-    test_x, test_y = data["test_x"][rank::world], torch.from_numpy(np.array(data["test_y"][rank::world]))
-    n, bs = len(train_x), int(config["batch_size"])
-    global_batch = bs * world
+    test_x, test_y = data["test_x"][env.rank::env.world], torch.from_numpy(np.array(data["test_y"][env.rank::env.world]))
+    n, bs = len(train_x), int(cfg.batch_size)
+    global_batch = bs * env.world
     steps_per_epoch = max(1, math.ceil(n / global_batch))
-    total = steps_per_epoch * config["epochs"]
-    warmup = int(round(config["warmup_epochs"] * steps_per_epoch))
-    aug_gen = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
-    history: list[dict] = []
-    step = 0
-    for epoch in range(config["epochs"]):
+    total = steps_per_epoch * cfg.epochs
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    aug_gen = torch.Generator().manual_seed(derive_seed(job.seed, env.rank))
+    start_epoch, history = _resume(core, opt, aug_gen, env)
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
-        order = np.resize(np.random.default_rng(config["seed"] + epoch).permutation(n), steps_per_epoch * global_batch)
+        order = np.resize(np.random.default_rng(derive_seed(job.seed, epoch)).permutation(n),
+                          steps_per_epoch * global_batch)
         loss_sum, loss_n = torch.zeros((), dtype=torch.float64), 0
         for s in range(steps_per_epoch):
-            idx = np.sort(order[s * global_batch + rank * bs : s * global_batch + (rank + 1) * bs])
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, warmup, config["lr"], config["min_lr"]) * g["lr_scale"]
-            x = prep(train_x[idx], aug_gen if config["augment"] else None)
-            y = train_y[idx].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = F.cross_entropy(model(x), y, label_smoothing=config["label_smoothing"])
+            idx = np.sort(order[s * global_batch + env.rank * bs : s * global_batch + (env.rank + 1) * bs])
+            apply_lr(opt, warmup_cosine(step, total, warmup, cfg.lr, cfg.min_lr))  # x each group's lr_scale
+            x = _prep(train_x[idx], env, mean, std, aug_gen if cfg.augment else None)
+            y = train_y[idx].to(env.device)
+            with env.autocast():
+                loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if config["clip_grad"]:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config["clip_grad"])
+            if cfg.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             opt.step()
             loss_sum += float(loss.detach())
             loss_n += 1
             step += 1
-        model.eval()
-        correct = torch.zeros((), dtype=torch.float64)
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            for start in range(0, len(test_x), 256):
-                logits = model(prep(test_x[start : start + 256], None))
-                correct += (logits.argmax(1).cpu() == test_y[start : start + 256]).sum().double()
-        counts = torch.stack([correct, torch.tensor(float(len(test_x)), dtype=torch.float64), loss_sum,
-                              torch.tensor(float(loss_n), dtype=torch.float64)])
-        if world > 1 and torch.distributed.is_initialized():
-            counts = counts.to(device)  # NCCL reduces CUDA tensors only
-            torch.distributed.all_reduce(counts)
-            counts = counts.cpu()
+        correct = _top1(model, env, test_x, test_y, mean, std)
+        counts = env.all_reduce(torch.stack([correct, torch.tensor(float(len(test_x)), dtype=torch.float64), loss_sum,
+                                             torch.tensor(float(loss_n), dtype=torch.float64)]))
         history.append({
             "epoch": epoch + 1,
             "train_loss": float(counts[2] / max(counts[3], 1)),
             "top1": float(counts[0] / max(counts[1], 1)),
-            "lr": float(lr_at(step - 1, total, warmup, config["lr"], config["min_lr"])),
+            "lr": float(warmup_cosine(step - 1, total, warmup, cfg.lr, cfg.min_lr)),
             "seconds": time.perf_counter() - t0,
         })
-        if rank == 0:
-            h = history[-1]
-            print(f"fine-tune epoch {h['epoch']}/{config['epochs']}: train loss {h['train_loss']:.4f}, "
-                  f"top-1 {h['top1']:.1%} ({h['seconds']:.1f}s)", flush=True)
-        metrics = {"epoch": epoch + 1, "top1": history[-1]["top1"], "history": list(history)}
-        if epoch + 1 < config["epochs"]:
-            ray.train.report(metrics)
-            continue
-        # Ray Train V2 keeps metrics only with a checkpoint: the last epoch reports one (rank 0), holding
-        # the history and, unless asked not to, the fine-tuned classifier (timm Beit, with its head).
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                Path(tmp, "history.json").write_text(json.dumps(history, indent=1))
-                if config["keep_model"]:
-                    from safetensors.torch import save_file
+        h = history[-1]
+        env.say(f"fine-tune epoch {h['epoch']}/{cfg.epochs}: train loss {h['train_loss']:.4f}, "
+                f"top-1 {h['top1']:.1%} ({h['seconds']:.1f}s)")
+        # Ray Train V2 keeps metrics only with a checkpoint: every epoch reports one
+        last = epoch + 1 == cfg.epochs
+        write = _final_writer(job, core, history) if last else _resume_writer(core, opt, aug_gen, history)
+        report({"epoch": epoch + 1, "top1": h["top1"], "history": list(history)}, write=write)
 
-                    save_file({k: v.detach().cpu().contiguous() for k, v in core.state_dict().items()},
-                              str(Path(tmp, "model.safetensors")))
-                    kwargs = {**enc["timm_kwargs"], "num_classes": config["num_classes"], "drop_path_rate": 0.0}
-                    Path(tmp, "config.json").write_text(json.dumps({
-                        "architecture": "beit", "timm_kwargs": kwargs, "img_size": enc["img_size"],
-                        "mean": enc["mean"], "std": enc["std"], "classes": config["classes"],
-                        "source_encoder": enc["encoder_id"],
-                    }, indent=1))
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
+
+def _resume_writer(core: torch.nn.Module, opt: torch.optim.Optimizer, aug_gen: torch.Generator, history: list[dict]):
+    """A mid-run checkpoint: the classifier, AdamW, the RNG states (drop path, augmentation), the history."""
+    def write(d: Path) -> None:
+        save_weights(core, d / "model.safetensors")
+        save_torch(opt.state_dict(), d / "optimizer.pt")
+        save_torch({"torch": torch.get_rng_state(), "augment": aug_gen.get_state()}, d / "rng.pt")
+        save_json(history, d / "history.json")
+        save_json({"epoch": len(history)}, d / "state.json")
+    return write
+
+
+def _final_writer(job: FinetuneJob, core: torch.nn.Module, history: list[dict]):
+    """The last epoch's checkpoint: the history and, unless asked not to, the fine-tuned classifier
+    (timm Beit, with its head)."""
+    def write(d: Path) -> None:
+        (d / "history.json").write_text(json.dumps(history, indent=1))
+        if job.cfg.keep_model:
+            save_weights(core, d / "model.safetensors")
+            kwargs = {**job.encoder["timm_kwargs"], "num_classes": job.num_classes, "drop_path_rate": 0.0}
+            (d / "config.json").write_text(json.dumps({
+                "architecture": "beit", "timm_kwargs": kwargs, "img_size": job.encoder["img_size"],
+                "mean": job.encoder["mean"], "std": job.encoder["std"], "classes": job.classes,
+                "source_encoder": job.encoder["encoder_id"],
+            }, indent=1))
+    return write
+
+
+def _resume(core: torch.nn.Module, opt: torch.optim.Optimizer, aug_gen: torch.Generator,
+            env: WorkerEnv) -> tuple[int, list[dict]]:
+    """(first epoch, history) from this run's newest mid-run checkpoint (a restarted worker), else (0, [])."""
+    with restored() as d:
+        if d is None or not (d / "state.json").is_file():
+            return 0, []
+        core.load_state_dict(load_weights(d / "model.safetensors", env.device), strict=True)
+        opt.load_state_dict(load_torch(d / "optimizer.pt", env.device))
+        rng = load_torch(d / "rng.pt")
+        history = json.loads((d / "history.json").read_text())
+    torch.set_rng_state(rng["torch"])
+    aug_gen.set_state(rng["augment"])
+    env.say(f"fine-tune: resuming after epoch {len(history)}")
+    return len(history), history
 
 
 def finetune(
     encoder,  # eval.features.Encoder
     train,  # eval.features.LabelledImages
     test,
-    cfg,  # eval.eval_config.FinetuneConfig
+    cfg: FinetuneConfig,
     *,
     num_classes: int,
     seed: int,
@@ -271,12 +248,6 @@ def finetune(
     name: str,
 ) -> dict:
     """Run fine-tuning on Ray Train (Ray must be initialised); returns per-epoch top-1 and the final figure."""
-    import ray
-    from ray.train import LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from pipeline.ray_context import cluster_has_gpu
-
     subset = class_balanced_subset(train.labels, train.keys, cfg.label_fraction, seed)
     data = {
         "train_x": np.ascontiguousarray(train.pixels[subset]),
@@ -286,46 +257,17 @@ def finetune(
     }
     state = {k: v.detach().cpu() for k, v in encoder.model.state_dict().items()}
     use_gpu = cluster_has_gpu() if cfg.use_gpu is None else cfg.use_gpu
-    config = {
-        "data": ray.put(data),
-        "state": ray.put(state),
-        "encoder": {
-            "timm_kwargs": encoder.config["timm_kwargs"], "mean": list(encoder.mean), "std": list(encoder.std),
-            "img_size": encoder.img_size, "encoder_id": encoder.encoder_id,
-        },
-        "classes": list(train.classes),
-        "keep_model": cfg.keep_model,
-        "num_classes": num_classes,
-        "epochs": cfg.epochs,
-        "lr": cfg.lr,
-        "min_lr": cfg.min_lr,
-        "layer_decay": cfg.layer_decay,
-        "drop_path": cfg.drop_path,
-        "weight_decay": cfg.weight_decay,
-        "batch_size": cfg.batch_size,
-        "warmup_epochs": cfg.warmup_epochs,
-        "label_smoothing": cfg.label_smoothing,
-        "clip_grad": cfg.clip_grad,
-        "augment": cfg.augment,
-        "threads": cfg.cpus_per_worker,
-        "seed": seed,
-    }
-    scaling = ScalingConfig(
-        num_workers=cfg.workers,
-        use_gpu=use_gpu,
-        resources_per_worker=None if use_gpu else {"CPU": cfg.cpus_per_worker},
+    job = FinetuneJob(
+        cfg=cfg, data=ray.put(data), state=ray.put(state),
+        encoder={"timm_kwargs": encoder.config["timm_kwargs"], "mean": list(encoder.mean), "std": list(encoder.std),
+                 "img_size": encoder.img_size, "encoder_id": encoder.encoder_id},
+        classes=list(train.classes), num_classes=num_classes, seed=seed, use_gpu=use_gpu,
     )
     run_name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{np.random.default_rng().integers(1 << 30):08x}"
     t0 = time.perf_counter()
-    result = TorchTrainer(
-        _train_loop,
-        train_loop_config=config,
-        scaling_config=scaling,
-        run_config=RunConfig(name=run_name, storage_path=storage_path,
-                             logging_config=LoggingConfig(log_level="WARNING")),
-    ).fit()
-    if result.error:
-        raise result.error
+    result = fit(train_loop_per_worker, job, FitSpec(
+        "fine-tuning", run_name, storage_path, workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker,
+        use_gpu=use_gpu, keep_checkpoints=1, max_failures=cfg.max_failures))
     if not result.metrics or "history" not in result.metrics:
         raise RuntimeError(f"fine-tuning run {run_name} reported no metrics")
     history = result.metrics["history"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -195,3 +196,43 @@ def stop_cluster(state_dir: str | Path | None = None, *, keep_temp: bool = False
         pids = stop_processes(info, timeout=timeout)
         cleanup_files(info, keep_temp=keep_temp)
         return pids
+
+
+def cluster_running(info: ClusterInfo) -> bool:
+    """Whether any process of this cluster is alive (found in /proc by its tag, temp dir and session)."""
+    return bool(cluster_processes(info))
+
+
+def stop_this_cluster(info: ClusterInfo, *, keep_temp: bool = False, timeout: float = 30.0) -> list[int]:
+    """Stop this cluster (a no-op if it was already stopped, e.g. from another process). Never touches a
+    newer cluster recorded in the same state dir."""
+    current = load_cluster(info.state_dir)
+    if current is not None and current.tag == info.tag:
+        pids = stop_cluster(info.state_dir, keep_temp=keep_temp, timeout=timeout)
+    else:  # our record is gone (stopped elsewhere, or replaced): stop whatever of ours is left
+        pids = stop_processes(info, timeout=timeout) if cluster_processes(info) else []
+        if info.temp_dir_owned and not keep_temp:
+            shutil.rmtree(info.temp_dir, ignore_errors=True)
+    child = CHILDREN.pop(info.launcher_pid, None)  # stopped elsewhere: still reap our child
+    if child is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=timeout)
+    return pids
+
+
+@dataclasses.dataclass
+class Cluster(ClusterInfo):
+    """A cluster `start_cluster` started: its record plus its lifecycle. A context manager: leaving the
+    block stops the cluster."""
+
+    def is_running(self) -> bool:
+        return cluster_running(self)
+
+    def stop(self, *, keep_temp: bool = False, timeout: float = 30.0) -> list[int]:
+        return stop_this_cluster(self, keep_temp=keep_temp, timeout=timeout)
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -38,7 +38,8 @@ class ClusterBusyError(ClusterError):
 
 @dataclasses.dataclass
 class ClusterInfo:
-    """What `start_cluster` started. Also a context manager: leaving the block stops the cluster."""
+    """A local cluster's record, as the state file holds it (the lifecycle is `infra.cluster_procs`:
+    `cluster_running`, `stop_this_cluster`, and `Cluster`, what `start_cluster` returns)."""
 
     state_dir: Path
     temp_dir: Path
@@ -94,36 +95,6 @@ class ClusterInfo:
         if self.token_path is None:
             return {}
         return {"Authorization": "Bearer " + self.token_path.read_text().strip()}
-
-    # -- lifecycle ---------------------------------------------------------------------------------
-    def is_running(self) -> bool:
-        from infra.cluster_procs import cluster_processes  # cluster_procs imports this module
-
-        return bool(cluster_processes(self))
-
-    def stop(self, *, keep_temp: bool = False, timeout: float = 30.0) -> list[int]:
-        """Stop this cluster (a no-op if it was already stopped, e.g. from another process). Never
-        touches a newer cluster recorded in the same state dir."""
-        from infra.cluster_procs import CHILDREN, cluster_processes, stop_cluster, stop_processes
-
-        current = load_cluster(self.state_dir)
-        if current is not None and current.tag == self.tag:
-            pids = stop_cluster(self.state_dir, keep_temp=keep_temp, timeout=timeout)
-        else:  # our record is gone (stopped elsewhere, or replaced): stop whatever of ours is left
-            pids = stop_processes(self, timeout=timeout) if cluster_processes(self) else []
-            if self.temp_dir_owned and not keep_temp:
-                shutil.rmtree(self.temp_dir, ignore_errors=True)
-        child = CHILDREN.pop(self.launcher_pid, None)  # stopped elsewhere: still reap our child
-        if child is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.wait(timeout=timeout)
-        return pids
-
-    def __enter__(self) -> "ClusterInfo":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     # -- persistence -------------------------------------------------------------------------------
     def to_json(self) -> dict:

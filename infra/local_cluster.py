@@ -63,12 +63,14 @@ from pathlib import Path
 from typing import Iterator
 
 from infra.cluster_ports import PORT_FLAGS, all_ports_listening, pick_ports, ports_lock
-from infra.cluster_procs import (CHILDREN, TAG_ENV, cluster_processes, processes_referencing, read_stat,
-                                 stop_cluster, stop_processes)
+from infra.cluster_procs import (CHILDREN, TAG_ENV, Cluster, cluster_processes, cluster_running,
+                                 processes_referencing, read_stat, stop_cluster, stop_processes)
 from infra.cluster_state import (DEFAULT_STATE_DIR, LOG_FILE, LOOPBACK, TOKEN_FILE, ClusterBusyError, ClusterError,
                                  ClusterInfo, cleanup_files, flock, load_cluster, resolve_state_dir, shell_env,
                                  write_state)
 
+# Ray 2.60 on Linux swaps a loopback --node-ip-address for the routable address unless this is "0"
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # Ray names its unix sockets <temp_dir>/session_<date>_<time>_<us>_<pid>/sockets/plasma_store; sun_path
 # holds 107 bytes, so the temp dir must stay short (pytest's tmp_path usually does not).
 MAX_TEMP_DIR_LEN = 40
@@ -107,7 +109,7 @@ def start_cluster(
     timeout: float = 120.0,
     drain_timeout_s: float = 0.0,
     extra_env: dict[str, str] | None = None,
-) -> ClusterInfo:
+) -> Cluster:
     """Start a Ray head on 127.0.0.1 and wait until its job API answers.
 
     num_cpus: logical CPUs the head offers. state_dir: where cluster.json, the auth token and the
@@ -173,7 +175,7 @@ def start_cluster(
         env.update({
             "PATH": venv_bin + os.pathsep + env.get("PATH", ""),
             "RAY_AUTH_MODE": auth,
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keep 127.0.0.1 as node IP: loopback-only binds
+            LOOPBACK_ENV: "0",  # keep 127.0.0.1 as node IP: loopback-only binds
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": str(float(drain_timeout_s)),
             TAG_ENV: tag,
@@ -214,7 +216,7 @@ def start_cluster(
                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             CHILDREN[proc.pid] = proc
             launcher = read_stat(proc.pid)
-            info = ClusterInfo(
+            info = Cluster(
                 state_dir=state_dir, temp_dir=temp_dir, temp_dir_owned=owned,
                 address=f"{LOOPBACK}:{ports['gcs']}", dashboard_url=f"http://{LOOPBACK}:{ports['dashboard']}",
                 ports=ports, worker_ports=(wlo, whi), num_cpus=num_cpus, num_gpus=num_gpus,
@@ -274,7 +276,7 @@ def cluster_status(state_dir: str | Path | None = None) -> dict:
 
 
 @contextlib.contextmanager
-def local_cluster(num_cpus: int = 2, state_dir: str | Path | None = None, **kwargs) -> Iterator[ClusterInfo]:
+def local_cluster(num_cpus: int = 2, state_dir: str | Path | None = None, **kwargs) -> Iterator[Cluster]:
     """`with local_cluster(2, tmp) as c:` == `with start_cluster(2, tmp) as c:`."""
     info = start_cluster(num_cpus, state_dir, **kwargs)
     try:
@@ -356,11 +358,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if st["state"] == "running" else 1
         if args.cmd == "env":
             info = load_cluster(args.state_dir)
-            if info is None or not info.is_running():
+            if info is None or not cluster_running(info):
                 print(f"no running cluster recorded in {resolve_state_dir(args.state_dir)}; "
                       f"start one: python -m infra.local_cluster start", file=sys.stderr)
                 return 1
             print(shell_env(info))
+            # A client on this machine that dials the GCS (ray.init(address=...), `ray status`,
+            # `mimflow --address`) must also take 127.0.0.1 as its own node IP, or its connection to
+            # the loopback-only head times out (see start_cluster).
+            print(f"export {LOOPBACK_ENV}=0")
             return 0
     except ClusterError as e:
         print(f"error: {e}", file=sys.stderr)

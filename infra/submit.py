@@ -76,11 +76,12 @@ def resolve_target(address: str | None = None, state_dir: str | Path | None = No
         val = env.get(var, "")
         if val.startswith(("http://", "https://")) and state_dir is None:
             return Target(val, env, f"${var}")
+    from infra.cluster_procs import cluster_running
     from infra.cluster_state import DEFAULT_STATE_DIR, load_cluster
 
     info = load_cluster(state_dir)
     where = Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR
-    if info is None or not info.is_running():
+    if info is None or not cluster_running(info):
         raise SubmitError(
             f"no Ray cluster to submit to: pass --address http://HOST:8265, set RAY_API_SERVER_ADDRESS, "
             f"or start a local one (no running cluster recorded in {where}): "
@@ -91,6 +92,12 @@ def resolve_target(address: str | None = None, state_dir: str | Path | None = No
 
 # --------------------------------------------------------------------------------------------------
 # Submit
+
+
+# Set for every job's driver and workers (--env overrides): Ray Train's preemption watcher (spot-instance
+# notices) logs an error per run on clusters that have none; the embedded Ray turns it off the same way
+# (pipeline.ray_context.start_local_ray).
+JOB_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def new_submission_id(stage: str) -> str:
@@ -116,8 +123,7 @@ def build_command(
     runtime_env: dict = {}
     if working_dir is not None:
         runtime_env["excludes"] = list(DEFAULT_EXCLUDES) + [e for e in excludes if e not in DEFAULT_EXCLUDES]
-    if env_vars:
-        runtime_env["env_vars"] = dict(env_vars)
+    runtime_env["env_vars"] = {**JOB_ENV, **(env_vars or {})}
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", address,
            "--submission-id", submission_id, "--log-style", "record"]
     if working_dir is not None:

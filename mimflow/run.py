@@ -7,20 +7,21 @@ last successful run is skipped, and the run says so. Stamps live in ``<out>/stam
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Annotated, Any, Callable, ClassVar, Literal
 
 from pipeline import storage
-from pipeline.config import load_config, save_config, to_dict
+from pipeline.config import PATH, ConfigError, RECIPE, SOURCE, Range, load_config, save_config, to_dict
 
 
 @dataclass
 class StageRecipe:
-    recipe: str = "demo"  # the stage's packaged recipe name, or a YAML path
+    recipe: Annotated[str, RECIPE] = "demo"  # the stage's packaged recipe name, or a YAML path
     set: list[str] = field(default_factory=list)  # overrides, as with --set
 
 
@@ -30,18 +31,18 @@ class PipelineConfig:
 
     RECIPES: ClassVar[Path] = Path(__file__).parent / "recipes"
 
-    out: str = "runs/demo"
-    source: str = "shapes?n=2000&size=64&split=train"
-    test_source: str | None = "shapes?n=500&size=64&split=test"
-    views: int = 1
-    cache_batch_size: int = 128
-    cache_actors: int = 2
+    out: Annotated[str, PATH] = "runs/demo"
+    source: Annotated[str, SOURCE] = "shapes?n=2000&size=64&split=train"
+    test_source: Annotated[str | None, SOURCE] = "shapes?n=500&size=64&split=test"
+    views: Annotated[int, Range(ge=1)] = 1
+    cache_batch_size: Annotated[int, Range(ge=1)] = 128
+    cache_actors: Annotated[int, Range(ge=1)] = 2
     seed: int = 0
     tokenizer: StageRecipe = field(default_factory=StageRecipe)
     pretrain: StageRecipe = field(default_factory=StageRecipe)
     eval: StageRecipe = field(default_factory=StageRecipe)
-    codebook_sample: int = 256  # images re-encoded for the FAISS agreement check
-    stages: list[str] = field(default_factory=lambda: ["tokenizer", "tokens", "codebook", "pretrain", "eval"])
+    codebook_sample: Annotated[int, Range(ge=0)] = 256  # images re-encoded for the FAISS agreement check
+    stages: list[Literal["tokenizer", "tokens", "codebook", "pretrain", "eval"]] = field(default_factory=lambda: ["tokenizer", "tokens", "codebook", "pretrain", "eval"])
 
 
 STAGES = ("tokenizer", "tokens", "codebook", "pretrain", "eval")
@@ -93,34 +94,64 @@ def _stage(stamps: Stamps, name: str, key: str, work: Callable[[], dict[str, Any
     return outputs, False
 
 
+def _stage_config(name: str, cls: type, stage: StageRecipe, fixed: list[str]) -> Any:
+    """A stage's config from its recipe, its ``set`` list and what the run fixes; errors name the stage."""
+    try:
+        return load_config(cls, stage.recipe, [*stage.set, *fixed])
+    except ConfigError as e:
+        raise ConfigError(f"{name}: {e}") from None
+
+
+def stage_configs(cfg: PipelineConfig) -> tuple[Any, Any, Any]:
+    """The tokenizer, pretraining and eval configs of a run, loaded (so validated) before Ray starts: a
+    mistake in the last stage's settings must not cost the first stages' run time. The cache directory
+    is named by the tokenizer's id, known once the tokenizer exists: ``run_pipeline`` fills it in."""
+    from eval.eval_config import EvalConfig
+    from pretrain.config import PretrainConfig
+    from tokenizer.train_config import TokenizerTrainConfig
+
+    out = Path(cfg.out).expanduser().resolve()
+    tok_dir = out / "tokenizer"
+    tok_cfg = _stage_config(
+        "tokenizer", TokenizerTrainConfig, cfg.tokenizer,
+        [f"source={cfg.source}", f"out={tok_dir}", f"storage_path={out / 'ray'}"],
+    )
+    pre_cfg = _stage_config(
+        "pretrain", PretrainConfig, cfg.pretrain,
+        [f"data.tokens={out / 'tokens'}", f"data.tokenizer={tok_dir}", f"out={out / 'pretrain'}"],
+    )
+    ev_cfg = _stage_config(
+        "eval", EvalConfig, cfg.eval,
+        [f"encoder={out / 'pretrain' / pre_cfg.run_name / 'encoder'}", f"train_source={cfg.source}",
+         f"test_source={cfg.test_source if cfg.test_source is not None else 'null'}", f"out={out / 'eval'}"],
+    )
+    return tok_cfg, pre_cfg, ev_cfg
+
+
 def run_pipeline(cfg: PipelineConfig, address: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or skip) every stage; returns the outputs of each and a summary."""
     from eval.codebook.report import codebook_report
-    from eval.evaluate import EvalConfig, run_eval
+    from eval.evaluate import run_eval
     from pipeline.ray_context import ray_session
     from pipeline.sources import open_source
-    from pretrain.config import PretrainConfig
     from pretrain.train import run_pretrain
-    from tokenizer.base import tokenizer_id
+    from tokenizer.checkpoint import tokenizer_id
     from tokenizer.precompute import build_cache
     from tokenizer.train import train_tokenizer
-    from tokenizer.train_config import TokenizerTrainConfig
 
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
     out = Path(cfg.out).expanduser().resolve()
+
+    tok_cfg, pre_cfg, ev_cfg = stage_configs(cfg)
+    tok_dir = out / "tokenizer"
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out, "run.yaml")
     stamps = Stamps(out)
     results: dict[str, Any] = {"skipped": []}
     fingerprint = open_source(cfg.source).fingerprint()
 
-    tok_cfg = load_config(
-        TokenizerTrainConfig, cfg.tokenizer.recipe,
-        [*cfg.tokenizer.set, f"source={cfg.source}", f"out={out / 'tokenizer'}", f"storage_path={out / 'ray'}"],
-    )
-    pre_cfg = None
     with ray_session(address):
         if "tokenizer" in cfg.stages:
             outputs, skipped = _stage(
@@ -129,17 +160,16 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, log: Callable[
             )
             results["tokenizer"] = outputs
             results["skipped"] += ["tokenizer"] if skipped else []
-        tok_dir = out / "tokenizer"
         tok_id = tokenizer_id(tok_dir)
 
         if "tokens" in cfg.stages:
             key = _digest(tok_id, fingerprint, cfg.views, cfg.seed)
             outputs, skipped = _stage(
                 stamps, "tokens", key,
-                lambda: {"cache": str(build_cache(
+                lambda: {"cache": build_cache(
                     tok_dir, cfg.source, out / "tokens", cfg.views,
                     batch_size=cfg.cache_batch_size, num_actors=cfg.cache_actors, seed=cfg.seed,
-                ))}, log,
+                ).cache_dir}, log,
             )
             results["tokens"] = outputs
             results["skipped"] += ["tokens"] if skipped else []
@@ -157,10 +187,7 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, log: Callable[
             results["codebook"] = outputs
             results["skipped"] += ["codebook"] if skipped else []
 
-        pre_cfg = load_config(
-            PretrainConfig, cfg.pretrain.recipe,
-            [*cfg.pretrain.set, f"data.tokens={cache_dir}", f"data.tokenizer={tok_dir}", f"out={out / 'pretrain'}"],
-        )
+        pre_cfg = dataclasses.replace(pre_cfg, data=dataclasses.replace(pre_cfg.data, tokens=str(cache_dir)))
         if "pretrain" in cfg.stages:
             def pretrain() -> dict[str, Any]:
                 result = run_pretrain(pre_cfg)
@@ -173,12 +200,7 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, log: Callable[
 
         if "eval" in cfg.stages:
             # the encoder this run's pretraining exports (also when pretraining is not among the stages)
-            encoder = Path(results.get("pretrain", {}).get("encoder") or out / "pretrain" / pre_cfg.run_name / "encoder")
-            ev_cfg = load_config(
-                EvalConfig, cfg.eval.recipe,
-                [*cfg.eval.set, f"encoder={encoder}", f"train_source={cfg.source}",
-                 f"test_source={cfg.test_source}", f"out={out / 'eval'}"],
-            )
+            encoder = Path(ev_cfg.encoder)
             outputs, skipped = _stage(
                 stamps, "eval", _digest(to_dict(ev_cfg), file_digest(encoder / "model.safetensors")),
                 lambda: {"eval": str(out / "eval" / "eval.json"), "results": run_eval(ev_cfg)}, log,

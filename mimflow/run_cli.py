@@ -5,19 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.command import add_config_arguments
+from pipeline.command import add_config_arguments, print_config
 from pipeline.ray_context import add_ray_arguments
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from mimflow.run import PipelineConfig, run_pipeline
+    from mimflow.run import PipelineConfig, run_pipeline, stage_configs
     from mimflow.summary import print_summary
 
     overrides = list(args.overrides)
     if getattr(args, "out", None):
         overrides.append(f"out={args.out}")
     cfg = load_config(PipelineConfig, args.config, overrides)
+    stage_configs(cfg)  # every stage's config checked before anything runs
+    if print_config(args, cfg):
+        return 0
     results = run_pipeline(cfg, address=args.address)
     print_summary(results)
     if args.json:
@@ -46,4 +49,4 @@ def register(sub) -> None:
     )
     p.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
     add_ray_arguments(p)
-    p.set_defaults(handler=cmd_run, config="demo", overrides=[], json=None)
+    p.set_defaults(handler=cmd_run, config="demo", overrides=[], json=None, print_config=False)

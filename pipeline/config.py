@@ -4,22 +4,85 @@ Every stage declares one dataclass. ``load_config`` reads a recipe (a packaged n
 or a path), applies overrides and builds the dataclass strictly: an unknown key is an error that
 names it and suggests the closest valid keys, and a value of the wrong type names the field and the
 type it expects.
+
+Fields declare what else holds for them next to their type, with ``typing.Annotated``::
+
+    epochs: Annotated[int, Range(ge=1)] = 10          # bounds, checked for every value given
+    out: Annotated[str, PATH] = "runs/x"              # a local path (made absolute) or a URI
+    source: Annotated[str, SOURCE] = "shapes?n=100"   # a source spec: its location part is a path
+
+``from_dict`` (so every loader) checks the bounds, runs a ``validate()`` method a class may define
+for checks across fields, and resolves every local path against the current directory, once, in the
+driver: Ray workers run elsewhere, so a relative path would name another file there.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence, TypeVar, Union
+from typing import Annotated, Any, Literal, Sequence, TypeVar, Union
 
 import yaml
 
 from pipeline.errors import ConfigError
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a numeric field (of each item, for a list): ``Range(ge=1)``, ``Range(gt=0, le=1)``."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def describe(self) -> str:
+        parts = [f"{op} {v:g}" for op, v in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+                 if v is not None]
+        return " and ".join(parts)
+
+    def check(self, value: Any, name: str) -> None:
+        if value is None:
+            return
+        if isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                self.check(v, f"{name}[{i}]")
+            return
+        ok = ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+              and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+        if not ok:
+            raise ConfigError(f"{name}: must be {self.describe()}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PathKind:
+    """Marks a field that names files: resolved to an absolute path in the driver (URIs untouched)."""
+
+    kind: Literal["path", "source", "recipe"]
+
+
+PATH = PathKind("path")  # a local path or a URI
+SOURCE = PathKind("source")  # a source spec (pipeline.sources): only its location is a path
+RECIPE = PathKind("recipe")  # a packaged recipe name (left as is) or a YAML path
+
+
+def read_yaml(path: Path) -> Any:
+    """``yaml.safe_load`` of a file; malformed YAML or a tag such as ``!!python/object`` is a ConfigError
+    naming the file and line."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{where}: not valid YAML: {' '.join(str(problem).split())}") from None
 
 
 def list_recipes(recipes: Path) -> list[str]:
@@ -60,7 +123,7 @@ def load_config(
     if recipe is not None:
         path = resolve_recipe(recipe, getattr(cls, "RECIPES", None) or Path("recipes"))
         where = str(path)
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = read_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping, got {type(loaded).__name__}")
         data = loaded
@@ -86,14 +149,19 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
                 child = {}
                 node[k] = child
             node = child
-        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e)
+            raise ConfigError(f"override {item!r}: not a valid YAML value ({' '.join(str(problem).split())})") from None
     return out
 
 
 def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
+    """Build ``cls`` strictly: types, bounds, ``validate()``; at the top level also resolve paths."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
@@ -105,9 +173,54 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
         )
     kwargs = {name: _coerce(data[name], hints[name], prefix + name) for name in fields if name in data}
     try:
-        return cls(**kwargs)
+        cfg = cls(**kwargs)
+        if hasattr(cfg, "validate"):
+            cfg.validate()  # checks across fields; raises ValueError naming them
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
+    if not prefix:
+        resolve_paths(cfg)
+    return cfg
+
+
+def resolve_paths(cfg: Any, base: str | Path | None = None) -> Any:
+    """Make every field marked ``PATH``/``SOURCE``/``RECIPE`` absolute against ``base`` (default: the
+    current directory), in place, recursing into nested configs. URIs, empty strings and None stay."""
+    base = Path(base) if base is not None else Path.cwd()
+    hints = typing.get_type_hints(type(cfg), include_extras=True)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            resolve_paths(value, base)
+            continue
+        kind = next((m for m in _markers(hints.get(f.name)) if isinstance(m, PathKind)), None)
+        if kind is not None and value is not None:
+            if isinstance(value, list):
+                setattr(cfg, f.name, [_absolute(v, kind.kind, base) for v in value])
+            else:
+                setattr(cfg, f.name, _absolute(value, kind.kind, base))
+    return cfg
+
+
+def _absolute(value: Any, kind: str, base: Path) -> Any:
+    text = str(value)
+    if not text or "://" in text:
+        return value
+    if kind == "source":
+        from pipeline.sources import absolute_spec
+
+        out: str | Path = absolute_spec(text, base)
+    elif kind == "recipe" and not (Path(text).suffix in (".yaml", ".yml") or os.sep in text):
+        return value  # a packaged recipe name
+    else:
+        out = os.path.normpath(os.path.join(base, os.path.expanduser(text)))
+    return Path(out) if isinstance(value, Path) else out
+
+
+def _markers(tp: Any) -> tuple[Any, ...]:
+    return tuple(typing.get_args(tp)[1:]) if typing.get_origin(tp) is Annotated else ()
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -147,6 +260,12 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, name: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is Annotated:
+        value = _coerce(value, args[0], name)
+        for marker in args[1:]:
+            if isinstance(marker, Range):
+                marker.check(value, name)
+        return value
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
+import sys
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator
 
 from pipeline.config import ConfigError
@@ -33,9 +36,6 @@ def add_ray_arguments(parser) -> None:
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
-        # Ray 2.60 on Linux swaps a loopback node IP for the routable one unless told it runs on a
-        # single machine; read when ray is first imported, this keeps the embedded Ray on 127.0.0.1.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
@@ -68,6 +68,8 @@ def start_local_ray(num_cpus: int | None, **init_kwargs) -> None:
     """
     import ray
 
+    _bind_loopback()
+    _private_token_file()
     # "Token authentication is enabled for this Ray cluster": true, and says nothing to act on here
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     with socket.socket() as s:
@@ -80,6 +82,42 @@ def start_local_ray(num_cpus: int | None, **init_kwargs) -> None:
     }
     ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", dashboard_port=port,
              runtime_env={"env_vars": env}, **init_kwargs)
+
+
+def _bind_loopback() -> None:
+    """Keep every process of the Ray started here on 127.0.0.1, whatever was imported first.
+
+    Ray 2.60 on Linux swaps a loopback node IP for the machine's routable one (gcs, raylet and workers
+    then listen on every interface, agents on that address) unless told it runs on a single machine.
+    Ray reads that setting into a constant when it is first imported (``import ray.train`` does it),
+    so setting the variable is not enough in a process that imported Ray before: the constant is set
+    too. The variable is still needed: the processes ``ray.init`` spawns read it when they start.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+
+
+def _private_token_file() -> None:
+    """Ray 2.60's ``ray.init`` turns token auth on and, when no token exists, writes one to
+    ``~/.ray/auth_token`` with the umask's mode (0644 here): every local user could read it and drive
+    this Ray. The token file is made here first, mode 0600 (or an existing one of ours tightened)."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        return
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return  # the caller chose the token
+    path = Path.home() / ".ray" / "auth_token"
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        st = path.stat()
+        if st.st_uid == os.getuid() and st.st_mode & 0o077:
+            os.chmod(path, 0o600)
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))  # what Ray's own generator writes: 256 random bits, hex
 
 
 def quiet_train_worker_logs() -> None:

@@ -154,7 +154,7 @@ class TarSource(Source):
             yield f"{path}\t{size}\t{mtime_ns}"
 
     def iter_partition(self, part: Partition) -> Iterator[Item]:
-        refs = self._listing[part.start : part.stop]
+        refs = self._refs(part)
         open_tars: dict[int, tarfile.TarFile] = {}
         try:
             for ref in refs:

@@ -8,8 +8,9 @@ A source is named by a spec string, ``[kind:]location[?key=value&...]``::
     shapes?n=2000&size=64        the built-in synthetic dataset
     /data/images?sample=1000&subset_seed=0   any source, a seeded random 1000 of its items
 
-Every source lists its items in a fixed order, splits the list into fixed-size partitions (the unit
-of parallel work and of resume), yields ``Sample``s with stable keys, and reports unreadable items as
+Every source lists its items in a fixed order, assigns each item to a partition (the unit of parallel
+work and of resume) by a hash of its key, so that adding or removing k items changes at most k
+partitions, yields ``Sample``s with stable keys, and reports unreadable items as
 ``BadInput`` rather than raising. The spec string is all a Ray worker needs to reopen the source.
 
 Every kind takes the same subset options, applied here in the base class after the reader has
@@ -30,6 +31,7 @@ kind is in ``pipeline.source_folder``, ``source_tar``, ``source_idx`` and ``sour
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -68,12 +70,18 @@ Item = Union[Sample, BadInput]
 @dataclass(frozen=True)
 class Partition:
     index: int
-    start: int  # range [start, stop) of the source's ordered listing
+    start: int  # range [start, stop) of the source's ordered listing (when ``positions`` is None)
     stop: int
+    positions: tuple[int, ...] | None = None  # listing positions of its items, ordered by key
 
     @property
     def size(self) -> int:
-        return self.stop - self.start
+        return len(self.positions) if self.positions is not None else self.stop - self.start
+
+
+def partition_of(key: str, count: int) -> int:
+    """The partition an item belongs to: a stable hash of its key, independent of the listing."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % count
 
 
 def safe_key(text: str) -> str:
@@ -187,12 +195,30 @@ class Source:
     def labelled(self) -> bool:
         return self.classes is not None
 
-    def partitions(self) -> list[Partition]:
-        n, size = len(self._listing), self.partition_size
-        return [Partition(i, s, min(s + size, n)) for i, s in enumerate(range(0, n, size))]
+    def default_partitions(self) -> int:
+        """The partition count a new cache of this source gets (then fixed: pass it to ``partitions``)."""
+        return max(1, -(-len(self._listing) // self.partition_size))
+
+    def partitions(self, count: int | None = None) -> list[Partition]:
+        """``count`` partitions (default ``default_partitions()``); item -> ``partition_of(key, count)``.
+
+        Assignment by key, not by position, so inserting, deleting or changing k items changes at
+        most k partitions; inside a partition items are ordered by key. A partition may be empty.
+        """
+        count = count or self.default_partitions()
+        members: list[list[tuple[str, int]]] = [[] for _ in range(count)]
+        for pos, ref in enumerate(self._listing):
+            key = self._key(ref)
+            members[partition_of(key, count)].append((key, pos))
+        return [Partition(i, 0, 0, tuple(pos for _, pos in sorted(m))) for i, m in enumerate(members)]
+
+    def _refs(self, part: Partition) -> list:
+        if part.positions is not None:
+            return [self._listing[p] for p in part.positions]
+        return self._listing[part.start : part.stop]
 
     def iter_partition(self, part: Partition) -> Iterator[Item]:
-        for ref in self._listing[part.start : part.stop]:
+        for ref in self._refs(part):
             yield self._load(ref)
 
     def __iter__(self) -> Iterator[Item]:
@@ -228,7 +254,7 @@ class Source:
 
     def describe(self) -> str:
         cls = f"{len(self.classes)} classes" if self.classes else "unlabelled"
-        return f"{self.kind} source {self.spec!r}: {len(self)} items, {cls}, {len(self.partitions())} partitions"
+        return f"{self.kind} source {self.spec!r}: {len(self)} items, {cls}, {self.default_partitions()} partitions"
 
     def _key(self, ref) -> str:
         """The key ``_load(ref)`` gives its item, without reading it (folder and tar refs carry it)."""
@@ -244,6 +270,26 @@ class Source:
         raise NotImplementedError
 
 
+def parse_spec(spec: str) -> tuple[str, str, str]:
+    """``[kind:]location[?query]`` -> (kind in lower case, or "" when none, location, query)."""
+    body, _, query = str(spec).partition("?")
+    kind, sep, location = body.partition(":")
+    if not sep or len(kind) == 1 or location.startswith("//"):  # a drive letter or URI scheme is not a kind
+        kind, location = "", body
+    return kind.lower(), location, query
+
+
+def absolute_spec(spec: str, base: str | os.PathLike) -> str:
+    """The spec with its location made absolute against ``base`` (``shapes`` and URIs unchanged), so
+    that a Ray worker running in another directory opens the same files."""
+    kind, location, _ = parse_spec(spec)
+    if kind == "shapes" or location in ("", "shapes") or "://" in location:
+        return str(spec)
+    body, sep, query = str(spec).partition("?")
+    prefix = body[: len(body) - len(location)]  # "idx:", "wds:" or nothing
+    return prefix + os.path.normpath(os.path.join(base, os.path.expanduser(location))) + sep + query
+
+
 def open_source(spec: str, partition_size: int | None = None) -> Source:
     """Open a source from its spec string (see the module docstring)."""
     # The readers import this module's types, so they can only be imported once it is loaded.
@@ -253,11 +299,9 @@ def open_source(spec: str, partition_size: int | None = None) -> Source:
     from pipeline.source_tar import TarSource
 
     spec = str(spec)
-    body, params = split_spec(spec)
-    kind, sep, location = body.partition(":")
-    if not sep or len(kind) == 1 or location.startswith("//"):  # a drive letter or URI scheme is not a kind
-        kind, location = "", body
-    kind = kind.lower()
+    kind, location, query = parse_spec(spec)
+    body = spec.partition("?")[0]
+    params = dict(parse_qsl(query, keep_blank_values=True))
     if kind == "shapes" or (not kind and body == "shapes"):
         source: Source = ShapesSource(spec, params, partition_size)
     elif kind == "idx":
@@ -298,7 +342,9 @@ __all__ = [
     "make_key",
     "open_source",
     "parse_label",
+    "partition_of",
     "read_all",
+    "absolute_spec",
     "safe_key",
     "split_spec",
     "with_params",

@@ -172,26 +172,6 @@ def glob(pattern: str) -> list[str]:
     return [join(parent, n) for n in list_names(parent) if fnmatch.fnmatchcase(n, name) and not is_dir(join(parent, n))]
 
 
-def register_webdataset_schemes() -> None:
-    """Let webdataset open ``s3://``/``gs://`` shard URLs through this layer.
-
-    webdataset's own handlers shell out to ``curl``/``gsutil`` (no credentials from the environment,
-    and ``gsutil`` retries for minutes without a network); its ``gopen_schemes`` table is the documented
-    place to plug in another opener.
-    """
-    import importlib
-
-    schemes = importlib.import_module("webdataset.gopen").gopen_schemes
-    for kind in ("s3", "gs"):
-        schemes[kind] = _webdataset_open
-
-
-def _webdataset_open(url: str, mode: str = "rb", bufsize: int = 8192, **_: object) -> IO[bytes]:
-    if not mode.startswith("r"):
-        raise ValueError(f"{url}: shards are written through pipeline.storage, not webdataset")
-    return open_input(url)
-
-
 def list_files(location: str | os.PathLike) -> list[str]:
     """Every file below a directory or prefix, recursively, as locations of the same kind, sorted.
 

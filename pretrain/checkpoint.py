@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from pipeline import storage
+from pipeline.train_worker import load_torch, load_weights, save_torch, save_weights
 
 MODEL = "model.safetensors"
 OPTIMIZER = "optimizer.pt"
@@ -28,10 +28,6 @@ SCHEDULER = "scheduler.pt"
 STATE = "state.json"
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
-
-
-def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
 
 
 def checkpoint_state(model: torch.nn.Module, *, step: int, total_steps: int, steps_per_epoch: int, img_size: int,
@@ -51,9 +47,9 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer: to
                     scheduler: Any, state: dict[str, Any], config_yaml: str) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(_cpu_state(model), str(directory / MODEL))
-    torch.save(optimizer.state_dict(), directory / OPTIMIZER)
-    torch.save(scheduler.state_dict(), directory / SCHEDULER)
+    save_weights(model, directory / MODEL)
+    save_torch(optimizer.state_dict(), directory / OPTIMIZER)
+    save_torch(scheduler.state_dict(), directory / SCHEDULER)
     (directory / STATE).write_text(json.dumps(state, indent=1))
     (directory / CONFIG).write_text(config_yaml)
     return directory
@@ -70,11 +66,11 @@ def load_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer: to
                     scheduler: Any = None, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Restore model (strict), optimizer and scheduler in place; returns ``state.json``."""
     directory = Path(directory)
-    model.load_state_dict(load_file(str(directory / MODEL), device=str(device)), strict=True)
+    model.load_state_dict(load_weights(directory / MODEL, device), strict=True)
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(directory / OPTIMIZER, map_location=device, weights_only=True))
+        optimizer.load_state_dict(load_torch(directory / OPTIMIZER, device))
     if scheduler is not None:
-        scheduler.load_state_dict(torch.load(directory / SCHEDULER, map_location="cpu", weights_only=True))
+        scheduler.load_state_dict(load_torch(directory / SCHEDULER))
     return read_state(directory)
 
 

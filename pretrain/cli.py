@@ -14,18 +14,17 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_config_arguments(parser, "pretrain")
     add_ray_arguments(parser)
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
 def pretrain_command(args: argparse.Namespace) -> int:
-    from pipeline.config import dump_config, load_config
-    from pipeline.shards import CacheError
+    from pipeline.command import print_config
+    from pipeline.config import load_config
+    from pipeline.token_cache import CacheError
     from pretrain.config import PretrainConfig
     from pretrain.train import run_pretrain
 
     cfg = load_config(PretrainConfig, args.config, args.overrides)
-    if args.print_config:
-        print(dump_config(cfg), end="")
+    if print_config(args, cfg):
         return 0
     try:
         result = run_pretrain(cfg, address=args.address, num_cpus=args.num_cpus)

@@ -12,24 +12,32 @@ cache builder used), take that view's tokens, and draw the mask. Pixels leave th
 ``tokens-online`` the sample also carries the tokenizer-resolution rendering (uint8) of the same view,
 or of a fresh random-resized crop with ``augment: random_resized_crop``, since the tokenizer then runs
 in the training step and any augmentation is allowed.
+
+Shard contents are not trusted: token ids are range-checked as each sample is decoded, and anything
+unreadable (a damaged tar, a sample missing a member) stops the run with one ``CacheError`` line
+naming the shard, the key and ``mimflow tokens verify``. ``data.verify_shards`` also checks each
+shard's sha256 against the manifest as it is opened (it reads each shard whole once per pass).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import random
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
-from typing import Any, Iterator
+from typing import Annotated, Any, Iterator, Literal
 
 import numpy as np
 import torch
 
 from pipeline import storage
+from pipeline.config import PATH, Range
 from pipeline.images import decode_rgb
-from pipeline.shards import decode_sample
-from pipeline.tensors import normalize, pixels  # noqa: F401  (normalize: the step's, re-exported)
+from pipeline.tensors import pixels
+from pipeline.token_cache import CacheError, decode_sample
 from pipeline.views import random_resized_crop, render_view
 
 AUGMENTS = ("views", "random_resized_crop")
@@ -37,17 +45,61 @@ AUGMENTS = ("views", "random_resized_crop")
 
 @dataclass
 class DataConfig:
-    tokens: str = ""  # the token cache directory, tokens/<tokenizer_id> (images + tokens)
-    tokenizer: str = ""  # the tokenizer directory: checked against the cache; run by tokens-online
-    img_size: int = 224
+    tokens: Annotated[str, PATH] = ""  # the token cache directory, tokens/<tokenizer_id> (images + tokens)
+    tokenizer: Annotated[str, PATH] = ""  # the tokenizer directory: checked against the cache; run by tokens-online
+    img_size: Annotated[int, Range(ge=1)] = 224
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    batch_size: int = 2048  # global: split evenly over the Ray Train workers
-    loader_workers: int = 4  # data loader processes per Ray Train worker (0: in the training process)
-    shuffle_buffer: int = 2000  # samples, per loader process
-    augment: str = "views"  # views | random_resized_crop (tokens-online and pixels only)
-    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # random_resized_crop area range
-    prefetch: int = 2  # batches prefetched per loader process
+    std: Annotated[list[float], Range(gt=0)] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    batch_size: Annotated[int, Range(ge=1)] = 2048  # global: split evenly over the Ray Train workers
+    loader_workers: Annotated[int, Range(ge=0)] = 4  # data loader processes per Ray Train worker (0: in the training process)
+    shuffle_buffer: Annotated[int, Range(ge=0)] = 2000  # samples, per loader process
+    augment: Literal["views", "random_resized_crop"] = "views"  # views | random_resized_crop (tokens-online and pixels only)
+    crop_scale: Annotated[list[float], Range(gt=0, le=1)] = field(default_factory=lambda: [0.2, 1.0])  # random_resized_crop area range
+    prefetch: Annotated[int, Range(ge=1)] = 2  # batches prefetched per loader process
+    verify_shards: bool = False  # check each shard's sha256 (from the manifest) as it is opened
+
+    def validate(self) -> None:
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"mean and std: need 3 values each, got {self.mean} / {self.std}")
+        if len(self.crop_scale) != 2 or self.crop_scale[0] > self.crop_scale[1]:
+            raise ValueError(f"crop_scale: must be [lo, hi] with lo <= hi, got {self.crop_scale}")
+
+
+def _unreadable(url: Any, key: Any, why: object) -> CacheError:
+    shard = str(url).rsplit("/", 1)[-1] if url else "a shard"
+    cache = str(url).rsplit("/", 1)[0] if url else "the cache"
+    why = " ".join(str(why).split())  # one line, whatever the underlying message
+    return CacheError(f"token cache: {shard}, sample {key!r}: {why}; run `mimflow tokens verify {cache}`")
+
+
+def _shard_error(exn: Exception) -> bool:
+    """webdataset's exception handler: a damaged shard becomes one CacheError line naming it."""
+    if isinstance(exn, CacheError):
+        raise exn
+    url = next((a for a in reversed(exn.args) if isinstance(a, str) and a.endswith(".tar")), None)
+    first = exn.args[0] if exn.args else type(exn).__name__
+    raise _unreadable(url, None, f"unreadable tar ({type(exn).__name__}: {str(first).split(' @ ')[0]})") from None
+
+
+class ShardOpener:
+    """webdataset's opener stage: opens each shard through ``pipeline.storage``; with ``sha256``
+    (url -> the manifest's sha256) reads it whole and refuses one whose bytes differ."""
+
+    def __init__(self, sha256: dict[str, str] | None = None):
+        self.sha256 = sha256
+
+    def __call__(self, urls: Iterator[Any]) -> Iterator[dict[str, Any]]:
+        for url in urls:
+            url = url["url"] if isinstance(url, dict) else url
+            if self.sha256 is None:
+                yield {"url": url, "stream": storage.open_input(url)}
+                continue
+            data = storage.read_bytes(url)
+            want = self.sha256.get(url)
+            got = hashlib.sha256(data).hexdigest()
+            if got != want:
+                raise _unreadable(url, None, f"sha256 {got[:12]}… differs from the manifest's {str(want)[:12]}…")
+            yield {"url": url, "stream": io.BytesIO(data)}
 
 
 def split_by_rank(src: Iterator[Any], rank: int = 0, world: int = 1) -> Iterator[Any]:
@@ -58,12 +110,12 @@ def split_by_rank(src: Iterator[Any], rank: int = 0, world: int = 1) -> Iterator
 class SampleTransform:
     """Cache sample → ``{"image", "mask", "tokens" | "tok_image"}``; runs in loader workers (picklable).
 
-    Images stay uint8 ``[3, H, W]`` here (the step normalises them on its device: ``normalize``).
+    Images stay uint8 ``[3, H, W]`` here (the step normalises them on its device: ``pipeline.tensors.normalize``).
     """
 
     def __init__(self, *, img_size: int, masker, target: str = "tokens",
                  tok_input_size: int | None = None, augment: str = "views", crop_scale=(0.2, 1.0),
-                 seed: int = 0, rank: int = 0, salt: int = 0):
+                 seed: int = 0, rank: int = 0, salt: int = 0, vocab_size: int | None = None):
         if augment not in AUGMENTS:
             raise ValueError(f"data.augment must be one of {AUGMENTS}, got {augment!r}")
         if augment != "views" and target == "tokens":
@@ -72,6 +124,7 @@ class SampleTransform:
         if target == "tokens-online" and not tok_input_size:
             raise ValueError("tokens-online needs the tokenizer's input size")
         self.img_size = img_size
+        self.vocab_size = vocab_size  # cached token ids must be below it (checked per sample)
         self.masker = masker
         self.target = target
         self.tok_input_size = tok_input_size
@@ -92,10 +145,23 @@ class SampleTransform:
             self._pid = os.getpid()
         return self._rng
 
+    def decode(self, raw: dict[str, Any]):
+        """The cache sample and its decoded image; anything unreadable is one CacheError line."""
+        try:
+            sample = decode_sample(raw)
+            img = decode_rgb(sample.image)
+            if sample.tokens.ndim != 3 or sample.tokens.shape[0] != len(sample.views) or not sample.views:
+                raise ValueError(f"tokens of shape {tuple(sample.tokens.shape)} for {len(sample.views)} view(s)")
+        except Exception as e:  # any damage inside a sample: name where it is, not a traceback
+            raise _unreadable(raw.get("__url__"), raw.get("__key__"), e) from None
+        if self.vocab_size is not None and sample.tokens.size and int(sample.tokens.max()) >= self.vocab_size:
+            raise _unreadable(raw.get("__url__"), sample.key,
+                              f"token id {int(sample.tokens.max())} >= the vocabulary size {self.vocab_size}")
+        return sample, img
+
     def __call__(self, raw: dict[str, Any]) -> dict[str, torch.Tensor]:
         rng = self.rng()
-        sample = decode_sample(raw)
-        img = decode_rgb(sample.image)
+        sample, img = self.decode(raw)
         if self.augment == "views":
             v = int(rng.integers(len(sample.views)))
             view = sample.views[v]
@@ -116,11 +182,13 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 
 def make_dataset(urls: list[str], transform: SampleTransform, batch_size: int, *, shuffle_buffer: int = 1000,
-                 rank: int = 0, world: int = 1, seed: int = 0):
-    """An endless stream of batches (resampled shards → shuffle → transform → batch) for one rank."""
-    import webdataset as wds
+                 rank: int = 0, world: int = 1, seed: int = 0, sha256: dict[str, str] | None = None):
+    """An endless stream of batches (resampled shards → shuffle → transform → batch) for one rank.
 
-    storage.register_webdataset_schemes()  # shards may live in a bucket
+    ``sha256`` (url -> the manifest's sha256): check each shard's bytes as it is opened."""
+    import webdataset as wds
+    from webdataset.cache import StreamingOpen
+
     ds = wds.WebDataset(
         list(urls),
         resampled=True,
@@ -128,7 +196,13 @@ def make_dataset(urls: list[str], transform: SampleTransform, batch_size: int, *
         nodesplitter=partial(split_by_rank, rank=rank, world=world),
         seed=seed,
         empty_check=False,
+        handler=_shard_error,
     )
+    # Our opener in webdataset's place: storage URIs, and the optional sha256 check.
+    stages = [i for i, s in enumerate(ds.pipeline) if isinstance(s, StreamingOpen)]
+    if len(stages) != 1:
+        raise RuntimeError("webdataset's pipeline has changed: no single opener stage to replace")
+    ds.pipeline[stages[0]] = ShardOpener(sha256)
     if shuffle_buffer > 1:
         ds = ds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, max(64, shuffle_buffer // 4)))
     return ds.map(transform).batched(batch_size, collation_fn=collate, partial=False)
@@ -146,5 +220,5 @@ def make_loader(dataset, num_batches: int, *, workers: int = 0, prefetch: int = 
     return wds.WebLoader(dataset, **kwargs).with_epoch(num_batches)
 
 
-__all__ = ["AUGMENTS", "DataConfig", "SampleTransform", "collate", "make_dataset", "make_loader", "normalize",
-           "pixels", "split_by_rank"]
+__all__ = ["AUGMENTS", "DataConfig", "SampleTransform", "ShardOpener", "collate", "make_dataset", "make_loader",
+           "split_by_rank"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn as nn
@@ -25,22 +25,30 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.models.beit import Beit, Block
 
+from pipeline.config import Range
+
 TARGETS = ("tokens", "tokens-online", "pixels")
 
 
 @dataclass
 class ModelConfig:
-    dim: int = 768
-    depth: int = 12
-    heads: int = 12
-    patch: int = 16
-    mlp_ratio: float = 4.0
-    drop_path: float = 0.1
-    layer_scale: float = 0.1  # layer scale init value (BEiT: 0.1 base, 1e-5 large); 0 disables it
+    dim: Annotated[int, Range(ge=1)] = 768
+    depth: Annotated[int, Range(ge=1)] = 12
+    heads: Annotated[int, Range(ge=1)] = 12
+    patch: Annotated[int, Range(ge=1)] = 16
+    mlp_ratio: Annotated[float, Range(gt=0)] = 4.0
+    drop_path: Annotated[float, Range(ge=0, lt=1)] = 0.1
+    layer_scale: Annotated[float, Range(ge=0)] = 0.1  # layer scale init value (BEiT: 0.1 base, 1e-5 large); 0 disables it
     qkv_bias: bool = True
-    head: str = "v1"  # v1: MIM head only; v2: + BEiT v2 [CLS] aggregation head (losses summed)
-    v2_layer: int | None = None  # v2: the intermediate layer whose patch tokens are aggregated (default 3/4 depth)
-    v2_blocks: int = 2  # v2: shallow blocks of the aggregation head
+    head: Literal["v1", "v2"] = "v1"  # v1: MIM head only; v2: + BEiT v2 [CLS] aggregation head (losses summed)
+    v2_layer: Annotated[int | None, Range(ge=1)] = None  # v2: the intermediate layer whose patch tokens are aggregated (default 3/4 depth)
+    v2_blocks: Annotated[int, Range(ge=1)] = 2  # v2: shallow blocks of the aggregation head
+
+    def validate(self) -> None:
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        if self.v2_layer is not None and self.v2_layer > self.depth:
+            raise ValueError(f"v2_layer must be in [1, depth={self.depth}], got {self.v2_layer}")
 
 
 def encoder_kwargs(model: ModelConfig, img_size: int) -> dict[str, Any]:

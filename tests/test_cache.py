@@ -12,16 +12,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from pipeline.images import decode_rgb, encode_png
-from pipeline.shards import check_cache, decode_sample, shard_urls
+from pipeline.token_cache import check_cache, decode_sample, read_errors, shard_urls
 from pipeline.tensors import to_tensor
 from pipeline.views import render_view
 from test_cache_support import make_tokenizer, manifest_without_time, read_cache
-from tokenizer.precompute import build_cache, run_build
+from tokenizer.precompute import build_cache
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,19 +31,19 @@ def tok_dir(tmp_path_factory) -> str:
 
 
 def test_round_trip_determinism_and_webdataset(ray_local, tok_dir, shapes_spec, tmp_path):
-    from tokenizer.base import load_tokenizer
+    from tokenizer.checkpoint import load_tokenizer
 
-    a = build_cache(tok_dir, shapes_spec, str(tmp_path / "a"), views=2, batch_size=5, num_actors=2, seed=3)
-    b = build_cache(tok_dir, shapes_spec, str(tmp_path / "b"), views=2, batch_size=16, num_actors=1, seed=3)
+    a = build_cache(tok_dir, shapes_spec, str(tmp_path / "a"), views=2, batch_size=5, num_actors=2, seed=3).cache_dir
+    b = build_cache(tok_dir, shapes_spec, str(tmp_path / "b"), views=2, batch_size=16, num_actors=1, seed=3).cache_dir
     tok = load_tokenizer(tok_dir)
     assert Path(a).name == tok.tokenizer_id and Path(a).parent == tmp_path / "a"
 
     info, rows = check_cache(a, tok.tokenizer_id)
     assert [r["shard"] for r in rows] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
-    assert info["views"] == 2 and info["seed"] == 3 and info["grid"] == list(tok.grid)
-    assert info["vocab_size"] == tok.vocab_size and info["input_size"] == tok.input_size
-    assert info["samples"] == 48 and info["errors"] == 0 and info["source"] == shapes_spec
-    assert info["kind"] == tok.kind and info["partitions"] == 3 and info["source_fingerprint"]
+    assert info.views == 2 and info.seed == 3 and info.grid == list(tok.grid)
+    assert info.vocab_size == tok.vocab_size and info.input_size == tok.input_size
+    assert info.samples == 48 and info.errors == 0 and info.source == shapes_spec
+    assert info.kind == tok.kind and info.partitions == 3 and info.source_fingerprint
 
     # Same input, other batch size and actor count: identical shards and manifests (but for times).
     assert manifest_without_time(a) == manifest_without_time(b)
@@ -103,14 +102,14 @@ def test_bad_inputs_go_to_errors_and_counts_add_up(ray_local, tok_dir, tmp_path,
     assert "tokens: 3/3 shards" in printed and "images/s" in printed and "ETA" in printed
     cache_dir = printed.strip().splitlines()[-1]
     info, rows = check_cache(cache_dir)
-    errors = pq.read_table(Path(cache_dir) / "errors.parquet").to_pylist()
+    errors = read_errors(cache_dir, info)
     assert sorted(e["key"].rsplit("-", 1)[0] for e in errors) == ["cat_broken", "dog_notes"]  # key: prefix-hash
     reasons = {e["key"].rsplit("-", 1)[0]: e["reason"] for e in errors}
     assert "decode" in reasons["cat_broken"] and "not an image" in reasons["dog_notes"]
     assert all(e["source"].endswith(("broken.png", "notes.txt")) for e in errors)
-    assert sum(r["samples"] for r in rows) == 10 == info["samples"]
-    assert info["samples"] + info["errors"] == info["source_size"] == 12
-    assert {s.label for s in read_cache(cache_dir)} == {0, 1} and info["classes"] == ["cat", "dog"]
+    assert sum(r["samples"] for r in rows) == 10 == info.samples
+    assert info.samples + info.errors == info.source_size == 12
+    assert {s.label for s in read_cache(cache_dir)} == {0, 1} and info.classes == ["cat", "dog"]
 
 
 def _records(cache_dir: Path) -> list[dict]:
@@ -129,7 +128,7 @@ def _wait_for_records(cache_dir: Path, n: int, timeout: float = 60.0) -> list[di
 
 
 def test_killed_actor_is_restarted_and_the_build_completes(ray_local, tok_dir, tmp_path):
-    from tokenizer.base import load_tokenizer
+    from tokenizer.checkpoint import load_tokenizer
 
     spec = "shapes?n=40&size=32&seed=1&partition_size=5"
     out = tmp_path / "out"
@@ -137,7 +136,7 @@ def test_killed_actor_is_restarted_and_the_build_completes(ray_local, tok_dir, t
     result: dict = {}
 
     def build():
-        result["report"] = run_build(tok_dir, spec, str(out), batch_size=8, num_actors=1, _delay_s=0.3)
+        result["report"] = build_cache(tok_dir, spec, str(out), batch_size=8, num_actors=1, _delay_s=0.3)
 
     thread = threading.Thread(target=build)
     thread.start()
@@ -149,12 +148,12 @@ def test_killed_actor_is_restarted_and_the_build_completes(ray_local, tok_dir, t
     assert len(pids) >= 2  # a restarted actor finished the job
     info, rows = check_cache(str(cache_dir))
     keys = [s.key for s in read_cache(str(cache_dir))]
-    assert len(keys) == len(set(keys)) == 40 == info["samples"] and len(rows) == 8
+    assert len(keys) == len(set(keys)) == 40 == info.samples and len(rows) == 8
 
 
 def test_driver_killed_mid_build_then_rerun_completes(ray_local, tok_dir, tmp_path):
     """A real build process, kill -9 after some shards; a rerun finishes without redoing them."""
-    from tokenizer.base import load_tokenizer
+    from tokenizer.checkpoint import load_tokenizer
 
     spec = "shapes?n=48&size=32&seed=2&partition_size=4"
     out = tmp_path / "out"
@@ -178,11 +177,11 @@ def test_driver_killed_mid_build_then_rerun_completes(ray_local, tok_dir, tmp_pa
     done_before = {r["partition"]: r["sha256"] for r in _records(cache_dir)}
     assert 3 <= len(done_before) < 12
 
-    report = run_build(tok_dir, spec, str(out), batch_size=4, num_actors=2)
+    report = build_cache(tok_dir, spec, str(out), batch_size=4, num_actors=2)
     assert report.reused >= len(done_before) and report.encoded <= 12 - len(done_before)
     assert report.encoded + report.reused == 12
     info, rows = check_cache(str(cache_dir))
-    assert len(rows) == 12 and info["samples"] == 48
+    assert len(rows) == 12 and info.samples == 48
     keys = [s.key for s in read_cache(str(cache_dir))]
     assert len(keys) == len(set(keys)) == 48
     by_part = {int(r["shard"][6:12]): r["sha256"] for r in rows}

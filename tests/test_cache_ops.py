@@ -10,11 +10,12 @@ import pytest
 from PIL import Image
 
 from pipeline.images import encode_png
-from pipeline.shards import check_cache, read_manifest
+from pipeline.token_cache import check_cache, read_manifest, shard_name
+from pipeline.sources import partition_of
 from test_cache_support import make_tokenizer, read_cache
 from tokenizer.cache_ops import refresh
 from tokenizer.cache_verify import verify_cache
-from tokenizer.precompute import run_build
+from tokenizer.precompute import build_cache
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def toks(tmp_path_factory) -> tuple[str, str]:
 def built(ray_local, toks, tmp_path_factory) -> str:
     """One small committed cache (views=2), shared read-only; tests copy it before damaging it."""
     out = tmp_path_factory.mktemp("built")
-    return run_build(toks[0], "shapes?n=24&size=32&seed=5&partition_size=8", str(out), 2, num_actors=1).cache_dir
+    return build_cache(toks[0], "shapes?n=24&size=32&seed=5&partition_size=8", str(out), 2, num_actors=1).cache_dir
 
 
 def _folder(root: Path, n: int = 12) -> str:
@@ -69,25 +70,27 @@ def test_refresh_after_source_change_rebuilds_only_stale_shards(ray_local, toks,
     out = tmp_path / "out"
     cache_dir = Path(refresh(toks[0], str(out), spec, num_actors=1).cache_dir)
     old_rows = read_manifest(str(cache_dir))
-    old_shard1 = (cache_dir / "shard-000001.tar").read_bytes()
+    p = partition_of("im05", 3)  # the partition im05 belongs to (by its key)
+    stale = shard_name(p)
+    old_shard = (cache_dir / stale).read_bytes()
 
-    # Change one image of partition 1 (items 4..7): only that shard is stale.
+    # Change one image: only its partition's shard is stale.
     (tmp_path / "imgs" / "im05.png").write_bytes(encode_png(np.full((24, 24, 3), 200, np.uint8)))
     report = refresh(toks[0], str(out), num_actors=1)
     assert "source content changed" in report.reason
     assert report.build.encoded == 1 and report.build.reused == 2
     rows = read_manifest(str(cache_dir))
     names = [r["shard"] for r in rows]
-    assert names[0] == "shard-000000.tar" and names[2] == "shard-000002.tar"
-    assert names[1].startswith("shard-000001-") and names[1] != "shard-000001.tar"  # a new name...
-    assert (cache_dir / "shard-000001.tar").read_bytes() == old_shard1  # ...so the old cache stayed intact
-    assert rows[0]["sha256"] == old_rows[0]["sha256"] and rows[1]["sha256"] != old_rows[1]["sha256"]
+    assert [n for i, n in enumerate(names) if i != p] == [shard_name(i) for i in range(3) if i != p]
+    assert names[p].startswith(f"shard-{p:06d}-") and names[p] != stale  # a new name...
+    assert (cache_dir / stale).read_bytes() == old_shard  # ...so the old cache stayed intact
+    assert all((rows[i]["sha256"] == old_rows[i]["sha256"]) == (i != p) for i in range(3))
     changed = {s.key.rsplit("-", 1)[0]: s for s in read_cache(str(cache_dir))}["im05"]  # key: prefix-hash
     assert Image.open(__import__("io").BytesIO(changed.image)).getpixel((0, 0)) == (200, 200, 200)
     assert verify_cache(str(cache_dir)).ok
 
     refresh(toks[0], str(out), gc=True)
-    assert not (cache_dir / "shard-000001.tar").exists() and (cache_dir / names[1]).exists()
+    assert not (cache_dir / stale).exists() and (cache_dir / names[p]).exists()
     assert verify_cache(str(cache_dir)).ok
 
 
@@ -119,7 +122,7 @@ def test_verify_catches_truncated_shard_and_flipped_byte(built, tmp_path, capsys
 def test_verify_catches_duplicates_and_bad_tokens(built, tmp_path):
     import pyarrow as pa
 
-    from pipeline.shards import MANIFEST_SCHEMA, encode_sample, write_manifest, write_shard
+    from pipeline.token_cache import MANIFEST_SCHEMA, commit_cache, encode_sample, read_cache_info, write_shard
 
     bad = tmp_path / "bad"
     shutil.copytree(built, bad)
@@ -131,12 +134,12 @@ def test_verify_catches_duplicates_and_bad_tokens(built, tmp_path):
                           sample.views[:1], sample.label)  # a duplicate key, 1 view instead of 2
     n, size, sha = write_shard(str(bad / "shard-000009.tar"), [extra])
     rows.append({**rows[0], "shard": "shard-000009.tar", "samples": n, "bytes": size, "sha256": sha})
-    write_manifest(str(bad), rows)
+    commit_cache(str(bad), read_cache_info(str(bad)), rows, [])
     assert pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA).num_rows == 4
     problems = " | ".join(verify_cache(str(bad)).problems)
     assert "duplicate key" in problems and sample.key in problems
     assert ">= vocab size" in problems and "expected (2," in problems
-    assert "samples in the shards" in problems  # 25 vs cache.json's 24
+    assert "samples in the shards" in problems  # 25 vs the cache info's 24
 
 
 def test_show_writes_image_token_map_and_decode(built, tmp_path, capsys):
@@ -147,7 +150,7 @@ def test_show_writes_image_token_map_and_decode(built, tmp_path, capsys):
     out = tmp_path / "tokens.png"
     assert main(["tokens", "show", built, key, "--out", str(out), "--cell", "64"]) == 0
     img = Image.open(out)
-    cols = 3 if info["kind"] == "dvae" else 2
+    cols = 3 if info.kind == "dvae" else 2
     assert img.size == (cols * 68, 2 * (64 + 14))  # one row per view
     assert "2 view(s) of 1 sample(s)" in capsys.readouterr().out
     assert main(["tokens", "show", built, "--n", "3", "--out", str(out)]) == 0
@@ -156,10 +159,10 @@ def test_show_writes_image_token_map_and_decode(built, tmp_path, capsys):
 
 
 def test_build_refuses_other_views_in_the_same_cache(built, toks):
-    from pipeline.shards import CacheError
+    from pipeline.token_cache import CacheError
 
     with pytest.raises(CacheError, match="views=2"):
-        run_build(toks[0], "shapes?n=24&size=32&seed=5&partition_size=8", str(Path(built).parent), 1)
+        build_cache(toks[0], "shapes?n=24&size=32&seed=5&partition_size=8", str(Path(built).parent), 1)
 
 
 def test_stage1_config_flat_and_nested(tmp_path):

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.shards import CacheSample, check_cache, decode_sample, read_manifest, read_shard, shard_urls
+from pipeline.token_cache import CacheSample, check_cache, decode_sample, read_manifest, read_shard, shard_urls
 
 
 def make_tokenizer(path: Path, seed: int = 0) -> str:
     """A tiny dVAE with random weights, saved as a checkpoint directory; returns its path."""
     import torch
 
-    from tokenizer.base import TokenizerConfig, build_tokenizer, save_tokenizer
+    from tokenizer.base import TokenizerConfig
+    from tokenizer.checkpoint import build_tokenizer, save_tokenizer
 
     torch.manual_seed(seed)
     cfg = TokenizerConfig(kind="dvae", vocab_size=64, grid=4, input_size=16, width=8, depth=1, code_dim=8)

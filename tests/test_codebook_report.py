@@ -16,7 +16,8 @@ from eval.codebook.report import choose_mosaic_codes, codebook_report, pick_agre
 from pipeline.errors import StageError
 from mimflow.cli import main
 from pipeline.images import encode_png
-from pipeline.shards import CacheError, encode_sample, shard_name, write_manifest, write_shard
+from cache_fixture import commit_shards
+from pipeline.token_cache import CacheError, encode_sample
 from pipeline.views import centre_view
 
 VOCAB = 8
@@ -29,7 +30,7 @@ def make_cache(root: Path, shards: list[list[tuple[np.ndarray, int | None]]], *,
     cache = root / tokenizer_id
     cache.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    rows, n = [], 0
+    shard_members, n = [], 0
     for si, samples in enumerate(shards):
         members = []
         for tokens, label in samples:
@@ -37,15 +38,10 @@ def make_cache(root: Path, shards: list[list[tuple[np.ndarray, int | None]]], *,
             views = [centre_view(img.shape[1], img.shape[0])] * tokens.shape[0]
             members.append(encode_sample(f"s{n:05d}", encode_png(img), "png", tokens, img.shape[1], img.shape[0], views, label))
             n += 1
-        count, nbytes, sha = write_shard(str(cache / shard_name(si)), members)
-        rows.append({"shard": shard_name(si), "samples": count, "bytes": nbytes, "sha256": sha, "tokenizer_id": tokenizer_id,
-                     "source_fingerprint": "fp0", "views": 1, "created": None})
+        shard_members.append(members)
     grid = list(shards[0][0][0].shape[1:]) if shards and shards[0] else [2, 2]
-    info = {"tokenizer_id": tokenizer_id, "kind": kind, "vocab_size": vocab, "grid": grid, "input_size": input_size,
-            "views": 1, "classes": classes, "samples": n}
-    (cache / "cache.json").write_text(json.dumps(info))
-    if manifest:
-        write_manifest(str(cache), rows)
+    commit_shards(str(cache), shard_members, tokenizer_id=tokenizer_id, kind=kind, vocab_size=vocab, grid=grid,
+                  input_size=input_size, views=1, classes=classes, manifest=manifest)
     return cache
 
 

@@ -184,7 +184,7 @@ def test_patch_drawing_uses_the_one_decoder_without_torch():
     from pathlib import Path
 
     repo = Path(__file__).resolve().parent.parent
-    code = ("import sys, eval.codebook.scan, pipeline.images, pipeline.shards, pipeline.views; "
+    code = ("import sys, eval.codebook.scan, pipeline.images, pipeline.token_cache, pipeline.views; "
             "print('torch' in sys.modules)")
     env = {**os.environ, "PYTHONPATH": str(repo)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=repo, check=True)

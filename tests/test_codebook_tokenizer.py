@@ -3,7 +3,6 @@ FAISS re-assignment with the cached tokens: 100% on a fresh cache, lower when to
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +12,14 @@ import torch
 
 from eval.codebook import faiss_ops
 from eval.codebook.report import codebook_report
+from cache_fixture import commit_shards
 from pipeline.errors import StageError
 from pipeline.images import decode_rgb, encode_png
-from pipeline.shards import encode_sample, shard_name, write_manifest, write_shard
 from pipeline.tensors import to_tensor
+from pipeline.token_cache import encode_sample, shard_name, write_shard
 from pipeline.views import make_views, render_view
-from tokenizer.base import TokenizerConfig, build_tokenizer, save_tokenizer
+from tokenizer.base import TokenizerConfig
+from tokenizer.checkpoint import build_tokenizer, save_tokenizer
 
 torch.manual_seed(0)
 K = 16
@@ -42,13 +43,13 @@ def dvae_dir(tmp_path_factory) -> Path:
 
 def build_cache(root: Path, tokenizer_dir: Path, shards: int = 3, per_shard: int = 4, views: int = 2, vocab: int | None = None) -> Path:
     """A cache built as the contract says: tokens = tok.encode(render_view(image, view, input_size))."""
-    from tokenizer.base import load_tokenizer
+    from tokenizer.checkpoint import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
     cache = root / tok.tokenizer_id
     cache.mkdir(parents=True)
     rng = np.random.default_rng(1)
-    rows, n = [], 0
+    shard_members, n = [], 0
     for s in range(shards):
         members = []
         for _ in range(per_shard):
@@ -61,19 +62,16 @@ def build_cache(root: Path, tokenizer_dir: Path, shards: int = 3, per_shard: int
             tokens = tok.encode(batch).numpy().astype(np.uint16)
             members.append(encode_sample(key, data, "png", tokens, w, h, vs, n % 3))
             n += 1
-        count, nbytes, sha = write_shard(str(cache / shard_name(s)), members)
-        rows.append({"shard": shard_name(s), "samples": count, "bytes": nbytes, "sha256": sha, "tokenizer_id": tok.tokenizer_id,
-                     "source_fingerprint": "fp", "views": views, "created": None})
-    info = {"tokenizer_id": tok.tokenizer_id, "kind": tok.kind, "vocab_size": vocab or tok.vocab_size, "grid": list(tok.grid),
-            "input_size": tok.input_size, "views": views, "classes": ["a", "b", "c"]}
-    (cache / "cache.json").write_text(json.dumps(info))
-    write_manifest(str(cache), rows)
+        shard_members.append(members)
+    commit_shards(str(cache), shard_members, tokenizer_id=tok.tokenizer_id, kind=tok.kind,
+                  vocab_size=vocab or tok.vocab_size, grid=tok.grid, input_size=tok.input_size, views=views,
+                  classes=["a", "b", "c"])
     return cache
 
 
 def alter_shard(cache: Path, index: int) -> int:
     """Shift every token of one shard by one code (a corrupted/stale shard); returns tokens altered."""
-    from pipeline.shards import decode_sample, read_shard
+    from pipeline.token_cache import decode_sample, read_shard
 
     path = str(cache / shard_name(index))
     members, altered = [], 0
@@ -95,7 +93,7 @@ def test_vqkd_agreement_and_geometry(tmp_path, vqkd_dir, ray_local):
     assert a["mean_cosine_to_code"] <= 1.0 and rep["tokenizer"]["matches_cache"]
 
     # geometry: FAISS's nearest codes equal numpy's brute force on the tokenizer's own codebook
-    from tokenizer.base import load_tokenizer
+    from tokenizer.checkpoint import load_tokenizer
 
     cb = load_tokenizer(vqkd_dir).codebook().numpy().astype(np.float64)
     sims = cb @ cb.T

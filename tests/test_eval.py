@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -115,12 +116,12 @@ def test_linear_probe_adamw_also_learns():
 def test_layer_wise_decay_gives_expected_lrs():
     import timm.models.beit as beit
 
-    from eval.finetune import layer_id, param_groups_lrd
+    from pipeline.train_worker import layer_id, param_groups
 
     depth, decay, lr = 4, 0.65, 2e-3
     model = beit.Beit(img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2, num_classes=5,
                       use_abs_pos_emb=True, use_shared_rel_pos_bias=True, init_values=0.1)
-    groups = param_groups_lrd(model, lr, weight_decay=0.05, layer_decay=decay)
+    groups = param_groups(model, 0.05, layer_decay=decay, base_lr=lr)
     lrs = {n: g["lr"] for g in groups for n in g["param_names"]}
     wds = {n: g["weight_decay"] for g in groups for n in g["param_names"]}
     assert set(lrs) == {n for n, _ in model.named_parameters()}
@@ -139,13 +140,13 @@ def test_layer_wise_decay_gives_expected_lrs():
 
 
 def test_lr_schedule_warmup_then_cosine():
-    from eval.finetune import lr_at
+    from pipeline.train_worker import warmup_cosine
 
-    assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
-    assert lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
-    assert lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
-    assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
-    assert lr_at(100, 100, 10, 1.0, min_lr=0.01) == pytest.approx(0.01)
+    assert warmup_cosine(0, 100, 10, 1.0, 0.0) == pytest.approx(0.1)
+    assert warmup_cosine(9, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert warmup_cosine(10, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert warmup_cosine(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
+    assert warmup_cosine(100, 100, 10, 1.0, 0.01) == pytest.approx(0.01)
 
 
 def test_label_fraction_is_class_balanced_and_deterministic():
@@ -302,7 +303,7 @@ def test_cli_quick_flags_and_recipe(tmp_path):
     args = parser.parse_args(["eval", "--config", "demo", "--set", "k=5", "--encoder", "E", "--methods", "knn,finetune",
                               "--baseline", "none", "--out", str(tmp_path)])
     cfg = config_from_args(args)
-    assert (cfg.encoder, cfg.k, cfg.methods, cfg.baseline) == ("E", 5, ["knn", "finetune"], "none")
+    assert (cfg.encoder, cfg.k, cfg.methods, cfg.baseline) == (os.path.abspath("E"), 5, ["knn", "finetune"], "none")  # paths resolved in the driver
     assert cfg.train_source.startswith("shapes?") and cfg.test_source.endswith("split=test")
     args = parser.parse_args(["eval", "--encoder", "E", "--train", "shapes?n=5"])
     cfg = config_from_args(args)  # no --config with quick flags: the defaults

@@ -21,7 +21,7 @@ from test_cache_support import make_tokenizer  # noqa: E402
 from pipeline import storage  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pretrain.checkpoint import read_metrics, read_state  # noqa: E402
-from pretrain.synthetic import PatchColorTokenizer, write_cache  # noqa: E402
+from cache_fixture import PatchColorTokenizer, write_cache  # noqa: E402
 from pretrain.config import PretrainConfig  # noqa: E402
 from pretrain.train import run_pretrain  # noqa: E402
 
@@ -43,6 +43,7 @@ def _last_step(run_dir: Path) -> int:
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
 def test_train_worker_sigkill_restarts_from_checkpoint(ray_local, tmp_path):
+    """The default config (no max_failures set) replaces a SIGKILLed worker inside the same run."""
     cache = tmp_path / "tokens" / TOK.tokenizer_id
     write_cache(str(cache), TOK, "shapes?n=32&size=32&seed=5", [16, 16])
     out = tmp_path / "runs"
@@ -50,7 +51,7 @@ def test_train_worker_sigkill_restarts_from_checkpoint(ray_local, tmp_path):
         f"data.tokens={cache}", "data.img_size=32", "data.batch_size=8", "data.loader_workers=0",
         "data.shuffle_buffer=16", "model.dim=32", "model.depth=2", "model.heads=2", "model.patch=8",
         "mask.num_masked=6", "mask.min_block=2", "optim.lr=2e-3", "optim.warmup_steps=2",
-        f"steps={STEPS}", "checkpoint_every=4", "keep_checkpoints=20", "workers=2", "max_failures=1",
+        f"steps={STEPS}", "checkpoint_every=4", "keep_checkpoints=20", "workers=2",
         f"out={out}", "run_name=killed", "log_every=1",
     ])
     run_dir = out / "killed"

@@ -16,7 +16,6 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -29,7 +28,7 @@ from infra import submit as sub  # noqa: E402
 from infra.cluster_nodes import START_WAIT_ENV, alive_nodes, start_worker_node  # noqa: E402
 from infra.cluster_state import ClusterError  # noqa: E402
 from pipeline import storage  # noqa: E402
-from pipeline.shards import shard_bytes  # noqa: E402
+from pipeline.token_cache import read_manifest, shard_bytes  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -130,7 +129,7 @@ def _check_cache(cache: str, expected_keys: set[str]) -> None:
     import hashlib
     import tarfile
 
-    manifest = pq.read_table(storage.open_random_access(f"{cache}/manifest.parquet")).to_pylist()
+    manifest = read_manifest(cache)
     present = sorted(n for n in storage.list_names(cache) if n.endswith(".tar"))
     assert sorted(r["shard"] for r in manifest) == present
     keys: list[str] = []

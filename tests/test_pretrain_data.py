@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from pipeline.images import decode_rgb
-from pipeline.shards import decode_sample, read_shard
-from pipeline.tensors import to_tensor
+from pipeline.token_cache import decode_sample, read_shard
 from pipeline.views import random_resized_crop, render_view
-from pretrain.data import SampleTransform, make_dataset, make_loader, normalize, pixels
+from pipeline.tensors import normalize, pixels, to_tensor
+from pretrain.data import SampleTransform, make_dataset, make_loader
 from pretrain.masking import BlockMasking
-from pretrain.synthetic import PatchColorTokenizer, write_cache
+from cache_fixture import PatchColorTokenizer, write_cache
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 
@@ -32,7 +32,7 @@ def _transform(tok, target="tokens", augment="views", seed=0):
 
 
 def _urls(cache_dir):
-    from pipeline.shards import check_cache, shard_urls
+    from pipeline.token_cache import check_cache, shard_urls
 
     _, rows = check_cache(cache_dir)
     return shard_urls(cache_dir, rows)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.shards import CacheError
+from pipeline.token_cache import CacheError
 from pretrain.checkpoint import read_metrics, read_state
 from pretrain.optim import WarmupCosine
-from pretrain.synthetic import PatchColorTokenizer, write_cache
+from cache_fixture import PatchColorTokenizer, write_cache
 from pretrain.config import PretrainConfig
 from pretrain.train import plan_run, run_pretrain
 
@@ -85,12 +85,12 @@ def test_two_workers_on_uneven_shards_then_stop_and_resume(ray_local, uneven_cac
 
 
 def test_stale_and_incomplete_caches_are_errors_naming_ids_and_the_fix(tmp_path, monkeypatch, capsys):
-    import pretrain.train as train
+    import pretrain.plan as plan
     from mimflow.cli import main
 
     stale = tmp_path / "tokens" / "old"
     write_cache(str(stale), PatchColorTokenizer((4, 4), 32, levels=3), "shapes?n=8&size=32", [8])
-    monkeypatch.setattr(train, "_load_tokenizer", lambda path: TOK)
+    monkeypatch.setattr(plan, "load_tokenizer", lambda path: TOK)
     cfg = _cfg(stale, tmp_path / "runs", f"data.tokenizer={tmp_path}/tok")
     with pytest.raises(CacheError) as e:
         plan_run(cfg)
@@ -148,7 +148,8 @@ def test_tokens_online_with_the_real_tokenizer_matches_the_cache_and_trains(tmp_
     from pretrain.masking import make_masker
     from pretrain.model import build_model
     from pretrain.optim import make_optimizer, make_scheduler
-    from tokenizer.base import TokenizerConfig, build_tokenizer, load_tokenizer, save_tokenizer
+    from tokenizer.base import TokenizerConfig
+    from tokenizer.checkpoint import build_tokenizer, load_tokenizer, save_tokenizer
 
     torch.manual_seed(0)
     tok_dir = tmp_path / "tok"

@@ -50,13 +50,13 @@ def _import_and_build(tmp_path: Path, argv: list[str], spec: str) -> tuple[str, 
     out = tmp_path / "tokens"
     assert main(["tokens", "build", "--tokenizer", tok_dir, "--source", spec, "--out", str(out), "--views", "1",
                  "--actors", "1"]) == 0
-    from tokenizer.base import tokenizer_id
+    from tokenizer.checkpoint import tokenizer_id
 
     return tok_dir, str(out / tokenizer_id(tok_dir))
 
 
 def _cached(cache_dir: str) -> dict[str, np.ndarray]:
-    from pipeline.shards import check_cache, decode_sample, read_shard, shard_urls
+    from pipeline.token_cache import check_cache, decode_sample, read_shard, shard_urls
 
     _, rows = check_cache(cache_dir)
     return {s.key: s.tokens for s in (decode_sample(r) for url in shard_urls(cache_dir, rows) for r in read_shard(url))}
@@ -125,7 +125,7 @@ def test_pretraining_from_an_imported_cache_and_tokens_online_agree(vqkd_cache):
     from pretrain.data import SampleTransform, make_dataset, make_loader
     from pretrain.masking import make_masker
     from pretrain.train import PretrainConfig, plan_run, run_pretrain
-    from tokenizer.base import load_tokenizer
+    from tokenizer.checkpoint import load_tokenizer
 
     root, _, _, tok_dir, cache = vqkd_cache
     tok = load_tokenizer(tok_dir)
@@ -140,7 +140,7 @@ def test_pretraining_from_an_imported_cache_and_tokens_online_agree(vqkd_cache):
 
     # tokens-online renders the same view at the tokenizer's size and encodes it in the step: same ids,
     # checked on every cached sample through the loader's own transform
-    from pipeline.shards import check_cache, read_shard, shard_urls
+    from pipeline.token_cache import check_cache, read_shard, shard_urls
 
     transforms = {}
     for target in ("tokens", "tokens-online"):

@@ -22,7 +22,8 @@ from released_layouts import (  # noqa: E402
     save_dalle,
 )
 
-from tokenizer.base import TokenizerLoadError, load_tokenizer  # noqa: E402
+from tokenizer.base import TokenizerLoadError  # noqa: E402
+from tokenizer.checkpoint import load_tokenizer  # noqa: E402
 from tokenizer.released.importer import check_tensors, import_released, recognise, recognise_beitv2, recognise_dalle  # noqa: E402
 from tokenizer.safe_unpickle import UnsafeCheckpointError, load_checkpoint_file, module_state  # noqa: E402
 
@@ -122,7 +123,7 @@ def test_dalle_without_decoder_encodes_and_refuses_to_decode(tmp_path):
     with pytest.raises(NotImplementedError, match="--decoder"):
         tok.decode(tok.encode(x))
     # `tokens show` on its cache draws images and token maps, without a decoded column
-    from pretrain.synthetic import write_cache
+    from cache_fixture import write_cache
     from tokenizer.cache_show import show_rows
 
     cache = str(tmp_path / "tokens" / tok.tokenizer_id)
@@ -233,7 +234,8 @@ def test_the_released_shapes_are_recognised(tmp_path):
 def test_trained_tokenizer_configs_and_ids_are_unchanged_by_the_arch_field(tmp_path):
     import json
 
-    from tokenizer.base import TokenizerConfig, build_tokenizer, save_tokenizer
+    from tokenizer.base import TokenizerConfig
+    from tokenizer.checkpoint import build_tokenizer, save_tokenizer
 
     torch.manual_seed(0)
     save_tokenizer(build_tokenizer(TokenizerConfig(kind="dvae", vocab_size=16, grid=2, input_size=8, width=4, depth=1,

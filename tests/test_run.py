@@ -45,8 +45,7 @@ def test_run_produces_every_artefact_then_skips_every_stage(tmp_path, ray_local)
     assert (tok_dir / "config.json").is_file() and (tok_dir / "model.safetensors").is_file()
     cache = Path(first["tokens"]["cache"])
     assert cache.parent == out / "tokens"
-    for name in ("manifest.parquet", "cache.json", "errors.parquet"):
-        assert (cache / name).is_file(), name
+    assert (cache / "manifest.parquet").is_file() and len(list(cache.glob("errors-*.parquet"))) == 1
     assert (out / "codebook" / "report.html").is_file() and (out / "codebook" / "report.json").is_file()
     assert first["codebook"]["usage"]["vocab_size"] == 32
     encoder = out / "pretrain" / "demo" / "encoder"

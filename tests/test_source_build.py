@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.shards import check_cache
+from pipeline.token_cache import check_cache
 from test_cache_support import make_tokenizer, read_cache
 from test_images import jpeg_exif_rotated, png_16bit, png_bomb
 

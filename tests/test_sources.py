@@ -168,7 +168,12 @@ def test_fingerprint_stable_and_detects_change(class_folder):
 def test_partitions_deterministic_and_cover_everything(class_folder):
     src = open_source(f"{class_folder}?partition_size=5")
     parts = src.partitions()
-    assert [(p.start, p.stop) for p in parts] == [(0, 5), (5, 10), (10, 12)]
+    from pipeline.sources import partition_of
+
+    assert len(parts) == 3 and sum(p.size for p in parts) == 12  # ceil(12 / 5) partitions, by key hash
+    for p in parts:
+        in_part = [it.key for it in src.iter_partition(p)]
+        assert in_part == sorted(in_part) and all(partition_of(k, 3) == p.index for k in in_part)
     keys = [it.key for p in parts for it in src.iter_partition(p)]
     again = [it.key for p in open_source(f"{class_folder}?partition_size=5").partitions()
              for it in src.iter_partition(p)]

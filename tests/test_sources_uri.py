@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline import storage
-from pipeline.shards import shard_bytes
+from pipeline.token_cache import shard_bytes
 from pipeline.sources import SourceError, open_source, read_all
 
 

@@ -9,15 +9,8 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, from_dict, load_config
-from tokenizer.base import (
-    Tokenizer,
-    TokenizerConfig,
-    TokenizerLoadError,
-    build_tokenizer,
-    load_tokenizer,
-    save_tokenizer,
-    tokenizer_id,
-)
+from tokenizer.base import Tokenizer, TokenizerConfig, TokenizerLoadError
+from tokenizer.checkpoint import build_tokenizer, load_tokenizer, save_tokenizer, tokenizer_id
 
 
 def vqkd_config(**kw) -> TokenizerConfig:

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from pipeline.config import load_config
-from tokenizer.base import load_tokenizer, tokenizer_id
+from tokenizer.checkpoint import load_tokenizer, tokenizer_id
 from tokenizer.train import train_tokenizer
 from tokenizer.train_config import TokenizerTrainConfig
 

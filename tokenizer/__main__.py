@@ -17,7 +17,7 @@ from typing import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pipeline.command import add_config_arguments, run_command
+    from pipeline.command import add_config_arguments, print_config, run_command
     from pipeline.ray_context import add_ray_arguments
 
     parser = argparse.ArgumentParser(
@@ -26,15 +26,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     add_config_arguments(parser, "tokenizer")
     add_ray_arguments(parser)
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_args(argv)
     def command() -> int:
-        from pipeline.config import dump_config
         from tokenizer.stage1 import load_stage1_config, run_stage1
 
         cfg = load_stage1_config(args.config, args.overrides)
-        if args.print_config:
-            print(dump_config(cfg), end="")
+        if print_config(args, cfg):
             return 0
         result = run_stage1(cfg, address=args.address, num_cpus=args.num_cpus)
         print(json.dumps(result), flush=True)

@@ -1,4 +1,4 @@
-"""The tokenizer contract: config, the common ``Tokenizer`` interface, save / load / ``tokenizer_id``.
+"""The tokenizer contract: its config and the common ``Tokenizer`` interface (checkpoints: ``tokenizer.checkpoint``).
 
 A tokenizer checkpoint is a directory (local path or object-store URI) holding
 
@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from torch import nn
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, Range
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -57,10 +55,10 @@ class TokenizerConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     width: int = 64
     depth: int = 2
-    num_heads: int = 4
-    mlp_ratio: float = 4.0
+    num_heads: Annotated[int, Range(ge=1)] = 4
+    mlp_ratio: Annotated[float, Range(gt=0)] = 4.0
     code_dim: int = 32
-    decoder_width: int = 0
+    decoder_width: Annotated[int, Range(ge=0)] = 0
     decoder_depth: int = 1
     # Which implementation of the kind: mimflow's own, or an imported release (tokenizer/released/):
     # "dall-e" (OpenAI's dVAE; decoder_width/decoder_depth/code_dim then describe its decoder, depth 0 = none)
@@ -212,20 +210,6 @@ class Tokenizer(nn.Module):
         """Called after weights are loaded from a checkpoint (the VQ-KD marks its codebook initialised)."""
 
 
-def build_tokenizer(config: TokenizerConfig) -> Tokenizer:
-    if config.arch != "mimflow":
-        from tokenizer.released import build_released
-
-        return build_released(config)
-    if config.kind == "dvae":
-        from tokenizer.dvae import DVAE
-
-        return DVAE(config)
-    from tokenizer.vqkd import VQKD
-
-    return VQKD(config)
-
-
 # --- identity -----------------------------------------------------------------------------------
 def compute_tokenizer_id(tensors: dict[str, torch.Tensor], config: TokenizerConfig) -> str:
     h = hashlib.sha256(b"mimflow-tokenizer-v1\0")
@@ -235,117 +219,3 @@ def compute_tokenizer_id(tensors: dict[str, torch.Tensor], config: TokenizerConf
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     h.update(b"config\0" + config.canonical_json().encode())
     return h.hexdigest()[:ID_LENGTH]
-
-
-def tokenizer_id(path: str | Path) -> str:
-    """The id of a saved tokenizer (same content => same id, on any machine)."""
-    config, tensors = _read_checkpoint(path)
-    return compute_tokenizer_id(tensors, config)
-
-
-# --- save / load --------------------------------------------------------------------------------
-def save_tokenizer(tok: Tokenizer, path: str | Path) -> str:
-    """Write ``config.json`` + ``model.safetensors`` (each atomically; weights first); returns the id."""
-    from safetensors.torch import save
-
-    from pipeline import storage
-
-    tensors = tok.export_state_dict()
-    storage.makedirs(path)
-    storage.write_bytes_atomic(storage.join(path, WEIGHTS_FILE), save(tensors, metadata={"format": "pt"}))
-    doc = {**config_to_dict(tok.config), "tokenizer_id": compute_tokenizer_id(tensors, tok.config)}
-    storage.write_bytes_atomic(storage.join(path, CONFIG_FILE), (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
-    return doc["tokenizer_id"]
-
-
-def _read_checkpoint(path: str | Path) -> tuple[TokenizerConfig, dict[str, torch.Tensor]]:
-    from safetensors.torch import load
-
-    from pipeline import storage
-    from pipeline.config import from_dict
-
-    path = str(path)
-    if not storage.exists(path):
-        raise FileNotFoundError(f"tokenizer checkpoint not found: {path}")
-    if not storage.is_dir(path):
-        raise TokenizerLoadError(f"tokenizer checkpoint {path} must be a directory holding {CONFIG_FILE} and {WEIGHTS_FILE}")
-    cfg_path, weights_path = storage.join(path, CONFIG_FILE), storage.join(path, WEIGHTS_FILE)
-    for p in (cfg_path, weights_path):
-        if not storage.exists(p):
-            raise FileNotFoundError(f"tokenizer checkpoint {path} is incomplete: missing {p}")
-    try:
-        doc = json.loads(storage.read_bytes(cfg_path).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerLoadError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(doc, dict):
-        raise TokenizerLoadError(f"{cfg_path}: expected a JSON object, got {type(doc).__name__}")
-    doc.pop("tokenizer_id", None)  # informative only; recomputed from content
-    for required in ("kind", "vocab_size", "grid", "input_size"):
-        if required not in doc:
-            raise TokenizerLoadError(f"{cfg_path}: missing field {required!r}")
-    try:
-        config = from_dict(TokenizerConfig, doc)
-    except ConfigError as e:
-        raise TokenizerLoadError(f"{cfg_path}: {e}") from None
-    try:
-        tensors = load(storage.read_bytes(weights_path))
-    except Exception as e:  # safetensors raises its own error type for corrupt headers / truncation
-        raise TokenizerLoadError(f"{weights_path}: corrupt or not a safetensors file ({type(e).__name__}: {e})") from None
-    return config, tensors
-
-
-def load_tokenizer(path: str | Path, map_location: str | torch.device = "cpu") -> Tokenizer:
-    """Load a tokenizer directory; errors name the file and field that is wrong."""
-    config, tensors = _read_checkpoint(path)
-    weights_path = f"{path}/{WEIGHTS_FILE}"
-    tok = build_tokenizer(config)
-    expected = tok.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        raise TokenizerLoadError(
-            f"{weights_path} does not match the {config.kind} config in config.json ({'; '.join(parts)}): saved from "
-            f"another kind of tokenizer, or with another input_size/grid/depth?"
-        )
-    for name, ref in expected.items():
-        got = tensors[name]
-        if tuple(got.shape) != tuple(ref.shape):
-            raise TokenizerLoadError(f"{weights_path}: {_mismatch(name, tuple(got.shape), tuple(ref.shape), config)}")
-    tok.load_state_dict(tensors, strict=True)
-    tok.mark_loaded()
-    return tok.to(map_location).eval()
-
-
-def _mismatch(name: str, got: tuple, want: tuple, config: TokenizerConfig) -> str:
-    n = config.grid * config.grid
-    if "pos_embed" in name and n in want:
-        side = math.isqrt(got[1]) if len(got) == 3 else 0
-        return (
-            f"tensor {name!r} has shape {list(got)} but config.json grid={config.grid} expects {list(want)} "
-            f"(grid mismatch{f': weights are for grid {side}' if side * side == got[1] and side else ''})"
-        )
-    if config.vocab_size in want:
-        return (
-            f"tensor {name!r} has shape {list(got)} but config.json vocab_size={config.vocab_size} "
-            f"expects {list(want)} (vocab size mismatch)"
-        )
-    return f"tensor {name!r} has shape {list(got)}, config.json implies {list(want)}"
-
-
-Tokenizer.load = staticmethod(load_tokenizer)
-
-__all__ = [
-    "TokenizerConfig",
-    "TokenizerLoadError",
-    "Tokenizer",
-    "build_tokenizer",
-    "compute_tokenizer_id",
-    "load_tokenizer",
-    "save_tokenizer",
-    "tokenizer_id",
-]

@@ -12,9 +12,9 @@ SOURCE_HELP = "source spec: a folder, WebDataset tars (s-{000..009}.tar), idx:DI
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from tokenizer.precompute import run_build
+    from tokenizer.precompute import build_cache
 
-    report = run_build(
+    report = build_cache(
         args.tokenizer,
         args.source,
         args.out,
@@ -68,20 +68,25 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from tokenizer.cache_ops import list_caches
 
     entries = list_caches(args.out)
     if args.json:
-        print(json.dumps([{"tokenizer_id": e.tokenizer_id, "path": e.path, "complete": e.complete, **e.info} for e in entries]))
+        print(json.dumps([{"tokenizer_id": e.tokenizer_id, "path": e.path, "complete": e.complete,
+                           **(asdict(e.info) if e.info else {})} for e in entries]))
         return 0
     if not entries:
         print(f"no token caches under {args.out}")
     for e in entries:
         i = e.info
-        state = "complete" if e.complete else "incomplete"
+        if i is None:
+            print(f"{e.tokenizer_id}  {'complete' if e.complete else 'incomplete':10s}  (no readable cache info)")
+            continue
         print(
-            f"{e.tokenizer_id}  {state:10s}  {i.get('samples', '?')} samples, {i.get('errors', '?')} errors, "
-            f"views={i.get('views', '?')}, source={i.get('source', '?')!r}, created {i.get('created', '?')}"
+            f"{e.tokenizer_id}  {'complete':10s}  {i.samples} samples, {i.errors} errors, "
+            f"views={i.views}, source={i.source!r}, created {i.created}"
         )
     return 0
 
@@ -138,7 +143,7 @@ def register_tokens(sub) -> None:
     p.add_argument("keys", nargs="*", help="sample keys to show (default: the first --n)")
     p.add_argument("--n", type=int, default=8, help="samples to show when no key is given (default: 8)")
     p.add_argument("--out", default="tokens.png", help="PNG to write (default: tokens.png)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer dir for dVAE decodes (default: the one in cache.json)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir for dVAE decodes (default: the one the cache info names)")
     p.add_argument("--cell", type=int, default=128, help="tile size in pixels (default: 128)")
     p.set_defaults(handler=cmd_show)
 

@@ -9,41 +9,40 @@ current cache needs: other tokenizers' caches, shards a rebuild replaced, stale 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import storage
-from pipeline.shards import CACHE_INFO, ERRORS, MANIFEST, CacheError, read_manifest
-from tokenizer.cache_records import BUILD_DIR, load_records
+from pipeline.token_cache import MANIFEST, CacheError, CacheInfo, read_cache_info, read_manifest
+from tokenizer.cache_records import BUILD_DIR, LEGACY, OWN_FILE, RECORD, load_records, remove_temporaries
 
 
 @dataclass
 class CacheEntry:
     tokenizer_id: str
     path: str
-    info: dict[str, Any]
+    info: CacheInfo | None  # None: no committed manifest (a build in progress or interrupted), or unreadable
     complete: bool  # has a committed manifest
 
 
 def list_caches(out_root: str) -> list[CacheEntry]:
-    """The caches under ``out_root`` (directories with a cache.json or build records), oldest first."""
+    """The caches under ``out_root`` (directories with a manifest or build records), oldest first."""
     entries = []
     for name in storage.list_names(out_root):
         path = storage.join(out_root, name)
         if not storage.is_dir(path):
             continue
-        info_loc = storage.join(path, CACHE_INFO)
-        info: dict[str, Any] = {}
-        if storage.exists(info_loc):
-            try:
-                info = json.loads(storage.read_bytes(info_loc))
-            except ValueError:
-                info = {}
-        elif not storage.is_dir(storage.join(path, BUILD_DIR)):
+        complete = storage.exists(storage.join(path, MANIFEST))
+        if not complete and not storage.is_dir(storage.join(path, BUILD_DIR)):
             continue  # not ours: never touched
-        entries.append(CacheEntry(name, path, info, storage.exists(storage.join(path, MANIFEST))))
-    return sorted(entries, key=lambda e: (str(e.info.get("created", "")), e.tokenizer_id))
+        info = None
+        if complete:
+            try:
+                info = read_cache_info(path)
+            except CacheError:
+                info = None
+        entries.append(CacheEntry(name, path, info, complete))
+    return sorted(entries, key=lambda e: (e.info.created if e.info else "", e.tokenizer_id))
 
 
 @dataclass
@@ -73,8 +72,8 @@ def refresh(
 ) -> RefreshReport:
     """Bring ``out_root/<tokenizer_id>`` up to date; source, views and seed default to the last cache's."""
     from pipeline.sources import open_source
-    from tokenizer.base import tokenizer_id
-    from tokenizer.precompute import run_build
+    from tokenizer.checkpoint import tokenizer_id
+    from tokenizer.precompute import build_cache
 
     tok_id = tokenizer_id(tokenizer_dir)
     caches = list_caches(out_root)
@@ -84,29 +83,29 @@ def refresh(
     if source_spec is None:
         if template is None:
             raise CacheError(f"no earlier cache under {out_root} to take the source from: pass --source")
-        source_spec = template.info["source"]
+        source_spec = template.info.source
     if views is None:
-        views = int(template.info.get("views", 1)) if template else 1
+        views = template.info.views if template else 1
     if seed is None:
-        seed = int(template.info.get("seed", 0)) if template else 0
+        seed = template.info.seed if template else 0
 
-    if current is None or not current.complete:
+    if current is None or current.info is None:
         reason = "no cache for this tokenizer yet" if current is None else "the last build did not finish"
         if others and current is None:
             reason = f"new tokenizer {tok_id} (supersedes {', '.join(c.tokenizer_id for c in others)})"
     else:
         info = current.info
         fingerprint = open_source(source_spec).fingerprint()
-        if info.get("source") != source_spec:
-            reason = f"source changed: {info.get('source')!r} -> {source_spec!r}"
-        elif info.get("source_fingerprint") != fingerprint:
-            reason = f"source content changed (fingerprint {info.get('source_fingerprint')} -> {fingerprint})"
-        elif (info.get("views"), info.get("seed")) != (views, seed):
+        if info.source != source_spec:
+            reason = f"source changed: {info.source!r} -> {source_spec!r}"
+        elif info.source_fingerprint != fingerprint:
+            reason = f"source content changed (fingerprint {info.source_fingerprint} -> {fingerprint})"
+        elif (info.views, info.seed) != (views, seed):
             reason = "views or seed changed"
         else:
             reason = "unchanged"
     print(f"tokens refresh: {reason}", flush=True)
-    build = run_build(
+    build = build_cache(
         tokenizer_dir,
         source_spec,
         out_root,
@@ -140,43 +139,60 @@ def refresh(
     return report
 
 
+def _remove_own_files(cache_dir: str, keep: set[str]) -> list[str]:
+    """Remove the files a build writes (shards, errors files, manifest, temporaries, records) that are
+    not in ``keep``; anything else in the directory (a user's notes, say) is left alone."""
+    removed = []
+    for name in storage.list_names(cache_dir):
+        if name in keep or not (OWN_FILE.fullmatch(name) or name in LEGACY):
+            continue
+        path = storage.join(cache_dir, name)
+        storage.remove(path)
+        removed.append(path)
+    return removed + remove_temporaries(cache_dir)
+
+
 def collect_garbage(out_root: str, keep: str) -> list[str]:
     """Remove other tokenizers' caches under ``out_root`` and, inside ``keep``'s committed cache,
-    every file its manifest does not need. Returns the removed paths. An uncommitted cache is left as
-    it is (its files are a build in progress)."""
+    every file of its making that its manifest does not need. Only files a build writes are removed
+    (never, say, a user's notes beside them); a directory goes only once it is empty. Returns the
+    removed paths. An uncommitted cache is left as it is (its files are a build in progress)."""
     removed: list[str] = []
     for entry in list_caches(out_root):
         if entry.tokenizer_id != keep:
-            storage.remove(entry.path)
-            removed.append(entry.path)
+            removed += _remove_own_files(entry.path, keep=set())
+            removed += _remove_records(entry.path, lambda rec: False)
+            build = storage.join(entry.path, BUILD_DIR)
+            for folder in (build, entry.path):
+                if storage.is_dir(folder) and not storage.list_names(folder):
+                    storage.remove(folder)
+                    removed.append(folder)
     cache_dir = storage.join(out_root, keep)
     if not storage.exists(storage.join(cache_dir, MANIFEST)):
         return removed
-    rows = read_manifest(cache_dir)
-    listed = {r["shard"]: r["sha256"] for r in rows}
-    info = json.loads(storage.read_bytes(storage.join(cache_dir, CACHE_INFO)))
-    keep_files = set(listed) | {MANIFEST, ERRORS, CACHE_INFO, BUILD_DIR}
-    for name in storage.list_names(cache_dir):
-        if name not in keep_files:
-            path = storage.join(cache_dir, name)
-            storage.remove(path)
-            removed.append(path)
-    for rec in load_records(cache_dir):
-        shard = rec.get("shard")
-        if shard is not None:
-            needed = listed.get(shard) == rec.get("sha256")
-        else:  # a partition with no usable image: needed while it is part of the committed source
-            needed = (
-                rec.get("source_fingerprint") == info.get("source_fingerprint")
-                and rec.get("partition", 1 << 62) < info.get("partitions", 0)
-            )
-        if not needed:
-            path = storage.join(cache_dir, BUILD_DIR, rec["_record"])
-            storage.remove(path)
-            removed.append(path)
-    for name in storage.list_names(storage.join(cache_dir, BUILD_DIR)):
-        if ".tmp-" in name:
-            path = storage.join(cache_dir, BUILD_DIR, name)
+    info = read_cache_info(cache_dir)
+    listed = {r["shard"]: r["sha256"] for r in read_manifest(cache_dir)}
+    removed += _remove_own_files(cache_dir, keep=set(listed) | {MANIFEST, info.errors_file})
+
+    def needed(rec: dict[str, Any]) -> bool:
+        if rec.get("partitions") != info.partitions:
+            return False
+        if rec.get("shard") is not None:
+            return listed.get(rec["shard"]) == rec.get("sha256")
+        # a partition with no usable image: needed while it is part of the committed source
+        return rec.get("source_fingerprint") == info.source_fingerprint
+
+    return removed + _remove_records(cache_dir, needed)
+
+
+def _remove_records(cache_dir: str, needed) -> list[str]:
+    """Remove the completion records (our file names only) that ``needed`` rejects, and unreadable ones."""
+    build = storage.join(cache_dir, BUILD_DIR)
+    recs = {rec["_record"]: rec for rec in load_records(cache_dir)}
+    removed = []
+    for name in storage.list_names(build):
+        if RECORD.fullmatch(name) and not (name in recs and needed(recs[name])):
+            path = storage.join(build, name)
             storage.remove(path)
             removed.append(path)
     return removed

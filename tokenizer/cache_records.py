@@ -3,19 +3,24 @@
 A partition's record ``_build/part-<index>-<digest>.json`` is written after its shard. The digest
 covers the partition's content (keys, labels, sha256 of every image's bytes) and the parameters its
 tokens depend on (tokenizer, input size, views, seed), so a record names exactly the shard that the
-same input would produce again.
+same input would produce again. ``shard_current`` is the one rule deciding whether a record's shard
+may be kept: the same build parameters, the same content, and the shard file's sha256 equal to the
+record's (content, never size: a file name can be reused for other bytes).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 from pipeline import storage
 
 BUILD_DIR = "_build"  # per-partition completion records
+RECORD = re.compile(r"part-\d{6}-[0-9a-f]{16}\.json")
+RECORD_TEMPORARY = re.compile(RECORD.pattern + r"\.tmp-[0-9a-f]{8}")
 DIGEST_VERSION = "mimflow-cache-v1"
 
 
@@ -31,8 +36,27 @@ class BuildParams:
     views: int
     seed: int
     batch_size: int
+    partitions: int  # the cache's partition count (fixed for its life)
     committed: frozenset = frozenset()  # shard names the committed manifest lists
     delay_s: float = 0.0  # tests only: a pause per partition so a kill lands mid-build
+
+
+# Every file name a build writes in a cache directory (and their temporaries): the only ones gc removes.
+OWN_FILE = re.compile(r"(shard-\d{6}(-[0-9a-f]{12})?\.tar|errors-[0-9a-f]{16}\.parquet|manifest\.parquet)")
+TEMPORARY = re.compile(OWN_FILE.pattern + r"\.tmp-[0-9a-f]{8}")
+LEGACY = ("cache.json", "errors.parquet")  # written by mimflow before the cache info moved into the manifest
+
+
+def remove_temporaries(cache_dir: str) -> list[str]:
+    """Remove the temporary files a killed writer left (ours only); returns their paths."""
+    removed = []
+    for folder, pattern in ((cache_dir, TEMPORARY), (storage.join(cache_dir, BUILD_DIR), RECORD_TEMPORARY)):
+        for name in storage.list_names(folder):
+            if pattern.fullmatch(name):
+                path = storage.join(folder, name)
+                storage.remove(path)
+                removed.append(path)
+    return removed
 
 
 def record_name(index: int, digest: str) -> str:
@@ -79,15 +103,29 @@ def write_record(cache_dir: str, rec: dict[str, Any]) -> None:
     storage.write_bytes_atomic(path, json.dumps(rec, indent=1, sort_keys=True).encode())
 
 
-def record_current(rec: dict[str, Any], part, params: BuildParams, files: set[str]) -> bool:
-    """A record the driver may trust without reading the partition again."""
-    return (
-        rec.get("partition") == part.index
-        and rec.get("start") == part.start
-        and rec.get("stop") == part.stop
-        and rec.get("source_fingerprint") == params.source_fingerprint
-        and rec.get("tokenizer_id") == params.tokenizer_id
-        and rec.get("views") == params.views
-        and rec.get("seed") == params.seed
-        and (rec.get("shard") is None or rec["shard"] in files)
+def shard_current(rec: dict[str, Any], params: BuildParams, digest: str | None = None) -> bool:
+    """Whether a finished partition's record (and its shard) is current and may be kept.
+
+    With ``digest`` (the partition was read): the record must be of exactly this content. Without
+    (the driver, before reading anything): of the same source fingerprint. Either way the build
+    parameters must match and the shard file's sha256 must be the record's.
+    """
+    from pipeline.token_cache import file_sha256
+
+    same = (rec.get("tokenizer_id"), rec.get("views"), rec.get("seed"), rec.get("partitions")) == (
+        params.tokenizer_id,
+        params.views,
+        params.seed,
+        params.partitions,
     )
+    if not same:
+        return False
+    if digest is not None and rec.get("digest") != digest:
+        return False
+    if digest is None and rec.get("source_fingerprint") != params.source_fingerprint:
+        return False
+    shard = rec.get("shard")
+    if shard is None:
+        return rec.get("samples") == 0
+    loc = storage.join(params.cache_dir, shard)
+    return storage.exists(loc) and file_sha256(loc) == rec.get("sha256")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from pipeline import storage
-from pipeline.shards import CacheError, CacheSample, check_cache, decode_sample, read_shard, shard_urls
+from pipeline.token_cache import CacheError, CacheInfo, CacheSample, check_cache, decode_sample, read_shard, shard_urls
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -67,15 +67,15 @@ def find_samples(cache_dir: str, keys: Sequence[str] = (), n: int = 8) -> list[C
     return out
 
 
-def _load_tokenizer_for(info: dict, tokenizer_dir: str | None):
-    from tokenizer.base import load_tokenizer
+def _load_tokenizer_for(info: CacheInfo, tokenizer_dir: str | None):
+    from tokenizer.checkpoint import load_tokenizer
 
-    path = tokenizer_dir or info.get("tokenizer_dir")
+    path = tokenizer_dir or info.tokenizer_dir
     if not path or not storage.exists(path):
         return None
     tok = load_tokenizer(path)
-    if tok.tokenizer_id != info["tokenizer_id"]:
-        raise CacheError(f"tokenizer at {path} is {tok.tokenizer_id}, the cache was made by {info['tokenizer_id']}")
+    if tok.tokenizer_id != info.tokenizer_id:
+        raise CacheError(f"tokenizer at {path} is {tok.tokenizer_id}, the cache was made by {info.tokenizer_id}")
     return tok
 
 
@@ -86,9 +86,9 @@ def show_rows(
     from pipeline.views import render_view
 
     info, _ = check_cache(cache_dir)
-    size = int(info["input_size"])
+    size = info.input_size
     samples = find_samples(cache_dir, keys, n)
-    tok = _load_tokenizer_for(info, tokenizer_dir) if info.get("kind") == "dvae" else None
+    tok = _load_tokenizer_for(info, tokenizer_dir) if info.kind == "dvae" else None
     tok = tok if tok is not None and tok.can_decode else None  # e.g. DALL-E imported without its decoder
     rows: list[ShownRow] = []
     for s in samples:
@@ -140,7 +140,7 @@ def show(
 ) -> list[ShownRow]:
     info, _ = check_cache(cache_dir)
     rows = show_rows(cache_dir, keys, n, tokenizer_dir)
-    sheet = render_sheet(rows, int(info["vocab_size"]), info.get("classes"), cell)
+    sheet = render_sheet(rows, info.vocab_size, info.classes, cell)
     import io
 
     buf = io.BytesIO()

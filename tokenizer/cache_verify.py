@@ -2,7 +2,7 @@
 
 Every shard listed in ``manifest.parquet``: present, its size and sha256 as listed, readable as a tar,
 the listed number of samples; every sample: an image member, ``tokens.npy`` of dtype uint16 and shape
-``[V, h, w]`` as ``cache.json`` says, ids < vocab size, ``views.json`` with V views inside the image;
+``[V, h, w]`` as the manifest's ``CacheInfo`` says, ids < vocab size, ``views.json`` with V views inside the image;
 keys unique across the whole cache; the counts add up (samples + errors = source size). Nothing is
 fixed: the report lists each problem, and a caller exits non-zero when there is one.
 """
@@ -20,14 +20,13 @@ from typing import Any
 import numpy as np
 
 from pipeline import storage
-from pipeline.shards import (
-    CACHE_INFO,
-    ERRORS,
+from pipeline.token_cache import (
     CacheError,
+    CacheInfo,
     parse_shard,
     read_cache_info,
+    read_errors,
     read_manifest,
-    read_parquet,
     tokens_from_npy,
 )
 from pipeline.views import views_from_json
@@ -68,7 +67,7 @@ class _ShardResult:
     problems: list[str]
 
 
-def _check_shard(cache_dir: str, row: dict[str, Any], info: dict[str, Any], decode_images: bool) -> _ShardResult:
+def _check_shard(cache_dir: str, row: dict[str, Any], info: CacheInfo, decode_images: bool) -> _ShardResult:
     name = row["shard"]
     loc = storage.join(cache_dir, name)
     problems: list[str] = []
@@ -87,8 +86,8 @@ def _check_shard(cache_dir: str, row: dict[str, Any], info: dict[str, Any], deco
         return _ShardResult(name, [], len(data), problems)
     if len(samples) != row["samples"]:
         problems.append(f"{name}: {len(samples)} samples, manifest says {row['samples']}")
-    want = (int(info["views"]), *(int(g) for g in info["grid"]))
-    vocab = int(info["vocab_size"])
+    want = (info.views, *info.grid)
+    vocab = info.vocab_size
     keys = []
     bad: list[str] = []
     for s in samples:
@@ -154,21 +153,17 @@ def verify_cache(cache_dir: str, *, decode_images: bool = False, threads: int | 
     except (CacheError, ValueError) as e:
         report.problems.append(str(e))
         return report
-    missing = [k for k in ("tokenizer_id", "vocab_size", "grid", "views") if k not in info]
-    if missing:
-        report.problems.append(f"{CACHE_INFO} lacks {', '.join(missing)}")
-        return report
     report.shards = len(rows)
     names = [r["shard"] for r in rows]
     if len(set(names)) != len(names):
         report.problems.append("the manifest lists a shard more than once")
     for r in rows:
-        if r["tokenizer_id"] != info["tokenizer_id"]:
-            report.problems.append(f"{r['shard']}: tokenizer {r['tokenizer_id']}, cache.json says {info['tokenizer_id']}")
-        if r["views"] != info["views"]:
-            report.problems.append(f"{r['shard']}: {r['views']} views, cache.json says {info['views']}")
-        if info.get("source_fingerprint") and r["source_fingerprint"] != info["source_fingerprint"]:
-            report.problems.append(f"{r['shard']}: built from another version of the source than cache.json names")
+        if r["tokenizer_id"] != info.tokenizer_id:
+            report.problems.append(f"{r['shard']}: tokenizer {r['tokenizer_id']}, the cache info says {info.tokenizer_id}")
+        if r["views"] != info.views:
+            report.problems.append(f"{r['shard']}: {r['views']} views, the cache info says {info.views}")
+        if r["source_fingerprint"] != info.source_fingerprint:
+            report.problems.append(f"{r['shard']}: built from another version of the source than the cache info names")
 
     threads = threads or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(threads) as pool:
@@ -187,19 +182,19 @@ def verify_cache(cache_dir: str, *, decode_images: bool = False, threads: int | 
     if dupes:
         report.problems.append(f"{len(dupes)} duplicate key(s): " + "; ".join(dupes[:5]) + (" …" if len(dupes) > 5 else ""))
 
-    errors_loc = storage.join(cache_dir, ERRORS)
-    if storage.exists(errors_loc):
-        err_rows = read_parquet(errors_loc).num_rows
-        report.errors = err_rows
-    else:
-        report.problems.append(f"no {ERRORS}")
-    if "samples" in info and report.samples != info["samples"]:
-        report.problems.append(f"{report.samples} samples in the shards, cache.json says {info['samples']}")
-    if "errors" in info and report.errors != info["errors"]:
-        report.problems.append(f"{report.errors} error rows, cache.json says {info['errors']}")
-    if "source_size" in info and report.samples + report.errors != info["source_size"]:
+    try:
+        report.errors = len(read_errors(cache_dir, info))
+    except (CacheError, OSError, ValueError) as e:
+        report.problems.append(str(e))
+    if len(rows) != info.shards:
+        report.problems.append(f"{len(rows)} shards in the manifest, the cache info says {info.shards}")
+    if report.samples != info.samples:
+        report.problems.append(f"{report.samples} samples in the shards, the cache info says {info.samples}")
+    if report.errors != info.errors:
+        report.problems.append(f"{report.errors} error rows, the cache info says {info.errors}")
+    if report.samples + report.errors != info.source_size:
         report.problems.append(
-            f"samples + errors = {report.samples + report.errors}, the source had {info['source_size']} items"
+            f"samples + errors = {report.samples + report.errors}, the source had {info.source_size} items"
         )
     return report
 

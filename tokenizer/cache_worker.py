@@ -20,13 +20,14 @@ from typing import Any, Iterator
 import numpy as np
 
 from pipeline import storage
-from pipeline.shards import CacheError, encode_sample, shard_name, write_shard
+from pipeline.token_cache import CacheError, encode_sample, shard_name, write_shard
 from tokenizer.cache_records import (
     BUILD_DIR,
     BuildParams,
     partition_digest,
     record_name,
     replacement_shard_name,
+    shard_current,
     write_record,
 )
 
@@ -88,7 +89,7 @@ class PartitionEncoder:
         import torch
 
         from pipeline.sources import open_source
-        from tokenizer.base import load_tokenizer
+        from tokenizer.checkpoint import load_tokenizer
 
         self.params = params
         self.device = torch.device(device)
@@ -106,13 +107,13 @@ class PartitionEncoder:
         self.source = open_source(params.source_spec)  # listed once per actor
         if self.source.fingerprint() != params.source_fingerprint:
             raise CacheError(f"source {params.source_spec!r} changed since the build started; rerun to pick it up")
+        self.parts = self.source.partitions(params.partitions)  # once: assignment hashes every key
         self.prep_threads = prep_threads
 
-    def _check_source(self, index: int, start: int, stop: int):
-        parts = self.source.partitions()
-        if index >= len(parts) or (parts[index].start, parts[index].stop) != (start, stop):
-            raise CacheError(f"partition {index} of {self.params.source_spec!r} is not [{start}, {stop})")
-        return parts[index]
+    def _check_source(self, part):
+        if part.index >= len(self.parts) or self.parts[part.index] != part:
+            raise CacheError(f"partition {part.index} of {self.params.source_spec!r} differs from the driver's plan")
+        return self.parts[part.index]
 
     def encode_batch(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 [N, S, S, 3] -> uint16 [N, h, w]; the float conversion matches ``to_tensor``."""
@@ -166,10 +167,11 @@ class PartitionEncoder:
         flush()
         return samples, errors, images
 
-    def run(self, index: int, start: int, stop: int) -> dict[str, Any]:
-        """Build (or reuse) partition ``index``'s shard; returns its completion record."""
+    def run(self, part) -> dict[str, Any]:
+        """Build (or reuse) the shard of ``part`` (a ``Partition``); returns its completion record."""
         params = self.params
-        part = self._check_source(index, start, stop)
+        part = self._check_source(part)
+        index = part.index
         items = list(self.source.iter_partition(part))
         digest = partition_digest(items, params, int(self.tok.input_size))
         reused = self._reuse(part, digest)
@@ -195,8 +197,7 @@ class PartitionEncoder:
         p = self.params
         return {
             "partition": part.index,
-            "start": part.start,
-            "stop": part.stop,
+            "partitions": p.partitions,
             "digest": digest,
             "shard": shard,
             "samples": count,
@@ -212,7 +213,7 @@ class PartitionEncoder:
         }
 
     def _reuse(self, part, digest: str) -> dict[str, Any] | None:
-        """The record of an earlier build of exactly this content, if its shard is intact."""
+        """The record of an earlier build of exactly this content, if its shard still holds it."""
         cache_dir = self.params.cache_dir
         path = storage.join(cache_dir, BUILD_DIR, record_name(part.index, digest))
         if not storage.exists(path):
@@ -221,19 +222,10 @@ class PartitionEncoder:
             rec = json.loads(storage.read_bytes(path))
         except ValueError:
             return None
-        if rec.get("digest") != digest:
+        if rec.get("partition") != part.index or not shard_current(rec, self.params, digest):
             return None
-        shard = rec.get("shard")
-        if shard is not None:
-            loc = storage.join(cache_dir, shard)
-            if not storage.exists(loc) or storage.size(loc) != rec.get("bytes"):
-                return None
-        if (rec.get("start"), rec.get("stop"), rec.get("source_fingerprint")) != (
-            part.start,
-            part.stop,
-            self.params.source_fingerprint,
-        ):
-            rec.update(start=part.start, stop=part.stop, source_fingerprint=self.params.source_fingerprint)
+        if rec.get("source_fingerprint") != self.params.source_fingerprint:
+            rec.update(source_fingerprint=self.params.source_fingerprint)
             write_record(cache_dir, rec)
         rec.update(images=0, reused=True)
         return rec
@@ -251,8 +243,8 @@ class TokenWorker:
         # On a GPU the CPU work (decode, crops) overlaps the encode; on CPU it competes with it.
         self.enc = PartitionEncoder(params, device=device, prep_threads=max(2, threads) if device == "cuda" else 0)
 
-    def run(self, index: int, start: int, stop: int) -> dict[str, Any]:
-        return self.enc.run(index, start, stop)
+    def run(self, part) -> dict[str, Any]:
+        return self.enc.run(part)
 
     def pid(self) -> int:
         return os.getpid()

@@ -19,7 +19,6 @@ def register(sub) -> None:
     )
     add_config_arguments(train, "tokenizer")
     add_ray_arguments(train)
-    train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     train.set_defaults(handler=_train)
     imp = tsub.add_parser(
         "import",
@@ -42,14 +41,14 @@ def register(sub) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pipeline.config import dump_config, load_config
+    from pipeline.command import print_config
+    from pipeline.config import load_config
     from pipeline.ray_context import ray_session
     from tokenizer.train import train_tokenizer
     from tokenizer.train_config import TokenizerTrainConfig
 
     cfg = load_config(TokenizerTrainConfig, args.config, args.overrides)
-    if args.print_config:
-        print(dump_config(cfg), end="")
+    if print_config(args, cfg):
         return 0
     with ray_session(args.address, args.num_cpus):
         train_tokenizer(cfg, address=args.address)

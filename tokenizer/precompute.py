@@ -1,9 +1,12 @@
 """Build the offline token cache: one Ray job, one shard per source partition.
 
 ``build_cache(tokenizer_dir, source, out_root)`` writes ``out_root/<tokenizer_id>/`` (the layout and
-the contract are in ``pipeline.shards``). The driver plans, a pool of Ray actors does the work:
+the contract are in ``pipeline.token_cache``) and returns a ``BuildReport``. The driver plans, a pool of
+Ray actors does the work:
 
-* **Units of work** are the source's deterministic partitions; partition ``i`` becomes one shard.
+* **Units of work** are the source's partitions; partition ``i`` becomes one shard. An item belongs
+  to partition ``hash(key) % P``, with ``P`` fixed for the cache's life (``CacheInfo.partitions``), so
+  inserting, deleting or changing k images makes at most k partitions stale.
   Each actor loads the tokenizer once (on a GPU when the cluster has one), reopens the source from
   its spec string, and for a partition: reads its items, decodes each image once, renders its ``V``
   views (``pipeline.views``), encodes them in batches, and writes the shard atomically. Bad inputs
@@ -13,31 +16,39 @@ the contract are in ``pipeline.shards``). The driver plans, a pool of Ray actors
   the partition's content (keys, labels, sha256 of every image's bytes) and the build parameters.
   A rerun skips partitions whose record matches the current source fingerprint without reading
   them; after a source change the actors re-read each partition and reuse a shard whose digest is
-  unchanged, so only stale partitions are re-encoded. ``kill -9`` at any moment loses at most the
-  partitions in flight.
-* **Commit**: ``errors.parquet`` and ``cache.json`` are written, then ``manifest.parquet`` last,
-  atomically. A shard that replaces one the committed manifest still lists is written under a new
+  unchanged, so only stale partitions are re-encoded. Either way a shard is kept only if its file's
+  sha256 is the record's (``cache_records.shard_current``). ``kill -9`` at any moment loses at most
+  the partitions in flight.
+* **Commit**: the errors file (named by its content) is written, then ``manifest.parquet``, carrying
+  the ``CacheInfo``, last and atomically: the one commit point. A shard that replaces one the committed manifest still lists is written under a new
   name (``shard-<index>-<digest>.tar``), so the previous cache stays readable, byte for byte, until
   the new manifest is committed; ``mimflow tokens refresh --gc`` removes what is no longer listed.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from pipeline import storage
-from pipeline.shards import CACHE_INFO, MANIFEST, CacheError, read_manifest, write_errors, write_manifest
-from tokenizer.cache_records import BuildParams, load_records, record_current
+from pipeline.cluster_fit import alive_nodes
+from pipeline.token_cache import (
+    CACHE_FORMAT,
+    MANIFEST,
+    CacheError,
+    CacheInfo,
+    commit_cache,
+    errors_name,
+    read_cache_info,
+    read_manifest,
+)
+from tokenizer.cache_records import BuildParams, load_records, remove_temporaries, shard_current
 from tokenizer.cache_worker import TokenWorker
-
-CACHE_FORMAT = 1
 
 
 @dataclass
@@ -121,7 +132,10 @@ def _run_pool(params: BuildParams, todo: list, num_actors: int | None, progress:
     n = max(1, min(num_actors or _default_actors(gpus, cpus), len(todo)))
     if not gpus:
         n = min(n, max(1, int(cpus)))  # actors hold their CPUs for life: more would never be scheduled
-    threads = max(1, int(cpus // n))  # each actor reserves its share of the CPUs and uses that many threads
+    # each actor reserves its share of the CPUs and uses that many threads; an actor lives on one node, so
+    # never more than the biggest node has (on a 3-node cluster a 3-CPU actor would wait forever)
+    node_cpus = max((float(r.get("CPU", 0)) for r in alive_nodes()), default=cpus)
+    threads = max(1, int(min(cpus // n, node_cpus)))
     opts: dict[str, Any] = {"max_restarts": 3, "max_task_retries": 3, "num_cpus": threads}
     if gpus:
         opts["num_gpus"] = 1 if gpus >= n else gpus / n
@@ -146,7 +160,7 @@ def _run_pool(params: BuildParams, todo: list, num_actors: int | None, progress:
     def submit(actor):
         if queue:
             part = queue.popleft()
-            inflight[actor.run.remote(part.index, part.start, part.stop)] = (actor, part)
+            inflight[actor.run.remote(part)] = (actor, part)
 
     for _ in range(opts.get("max_concurrency", 1) + 1):  # one more per actor than it runs at once: no idle gap
         for actor in actors:
@@ -175,28 +189,26 @@ def _run_pool(params: BuildParams, todo: list, num_actors: int | None, progress:
     return results
 
 
-def _existing_info(cache_dir: str) -> dict[str, Any] | None:
-    path = storage.join(cache_dir, CACHE_INFO)
-    if not storage.exists(path):
-        return None
-    return json.loads(storage.read_bytes(path))
-
-
-def _committed(cache_dir: str) -> list[dict[str, Any]]:
+def _committed(cache_dir: str) -> tuple[CacheInfo | None, list[dict[str, Any]]]:
+    """The committed cache info and manifest rows; (None, rows) for a manifest of an older format."""
     if not storage.exists(storage.join(cache_dir, MANIFEST)):
-        return []
-    return read_manifest(cache_dir)
+        return None, []
+    rows = read_manifest(cache_dir)
+    try:
+        return read_cache_info(cache_dir), rows
+    except CacheError:
+        return None, rows  # rebuilt from scratch; its shards are still never overwritten
 
 
-def build_cache(tokenizer_dir: str, source_spec: str, out_root: str, views: int = 1, **options: Any) -> str:
-    """Build (or resume, or bring up to date) the token cache; returns ``out_root/<tokenizer_id>``.
+def _partition_count(info: CacheInfo | None, records: list[dict[str, Any]], source) -> int:
+    """Fixed for a cache's life: the committed one, else an interrupted first build's, else the default."""
+    if info is not None:
+        return info.partitions
+    counts = [r["partitions"] for r in sorted(records, key=lambda r: r.get("created", 0)) if isinstance(r.get("partitions"), int)]
+    return counts[-1] if counts else source.default_partitions()
 
-    ``options`` are ``run_build``'s keywords (batch_size, num_actors, seed, address, num_cpus, ...).
-    """
-    return run_build(tokenizer_dir, source_spec, out_root, views, **options).cache_dir
 
-
-def run_build(
+def build_cache(
     tokenizer_dir: str,
     source_spec: str,
     out_root: str,
@@ -210,10 +222,10 @@ def run_build(
     progress_every: float = 5.0,
     _delay_s: float = 0.0,
 ) -> BuildReport:
-    """``build_cache`` with a report of what was done."""
+    """Build (or resume, or bring up to date) the token cache ``out_root/<tokenizer_id>``; says what was done."""
     from pipeline.ray_context import ray_session
     from pipeline.sources import open_source
-    from tokenizer.base import load_tokenizer
+    from tokenizer.checkpoint import load_tokenizer
 
     if views < 1:
         raise ValueError(f"views must be >= 1, got {views}")
@@ -223,17 +235,18 @@ def run_build(
     tok_id = tok.tokenizer_id  # a hash over the weights: computed once
     source = open_source(source_spec)
     fingerprint = source.fingerprint()
-    parts = source.partitions()
     cache_dir = storage.join(out_root, tok_id)
     storage.makedirs(cache_dir)
 
-    info = _existing_info(cache_dir)
-    if info is not None and (info.get("views"), info.get("seed")) != (views, seed):
+    info, committed = _committed(cache_dir)
+    if info is not None and (info.views, info.seed) != (views, seed):
         raise CacheError(
-            f"{cache_dir} holds a cache with views={info.get('views')}, seed={info.get('seed')}; a cache with "
+            f"{cache_dir} holds a cache with views={info.views}, seed={info.seed}; a cache with "
             f"views={views}, seed={seed} needs another --out (or remove the old one)"
         )
-    committed = _committed(cache_dir)
+    records = load_records(cache_dir)
+    count = _partition_count(info, records, source)
+    parts = source.partitions(count)
     params = BuildParams(
         tokenizer_dir=tokenizer_dir,
         tokenizer_id=tok_id,
@@ -243,34 +256,26 @@ def run_build(
         views=views,
         seed=seed,
         batch_size=batch_size,
+        partitions=count,
         committed=frozenset(r["shard"] for r in committed),
         delay_s=_delay_s,
     )
-    files = set(storage.list_names(cache_dir))
     done: dict[int, dict] = {}
-    for rec in sorted(load_records(cache_dir), key=lambda r: r.get("created", 0)):
+    for rec in sorted(records, key=lambda r: r.get("created", 0), reverse=True):  # the newest current one
         i = rec.get("partition")
-        if isinstance(i, int) and i < len(parts) and record_current(rec, parts[i], params, files):
+        if isinstance(i, int) and 0 <= i < count and i not in done and shard_current(rec, params):
             done[i] = rec
     todo = [p for p in parts if p.index not in done]
     report = BuildReport(cache_dir, tok_id, len(parts))
     report.reused = len(done)
 
-    if not todo and _matches_commit(committed, info, done, params):
-        report.up_to_date = True
-        report.samples = sum(r["samples"] for r in done.values())
-        report.errors = sum(len(r["errors"]) for r in done.values())
-        report.seconds = time.perf_counter() - t0
-        print(f"tokens: {cache_dir} is up to date ({len(parts)} shards, {report.samples} samples); nothing to do")
-        return report
-
-    print(
-        f"tokens: {source.describe()}; tokenizer {tok_id} ({tok.kind}, vocab {tok.vocab_size}, "
-        f"grid {tuple(tok.grid)}, {tok.input_size}px); {views} view(s); {len(done)} of {len(parts)} shards "
-        f"already done -> {cache_dir}",
-        flush=True,
-    )
     if todo:
+        print(
+            f"tokens: {source.describe()}; tokenizer {tok_id} ({tok.kind}, vocab {tok.vocab_size}, "
+            f"grid {tuple(tok.grid)}, {tok.input_size}px); {views} view(s); {len(done)} of {len(parts)} shards "
+            f"already done -> {cache_dir}",
+            flush=True,
+        )
         progress = Progress(len(parts), len(done), sum(p.size for p in todo), every=progress_every)
         with ray_session(address, num_cpus):
             results = _run_pool(params, todo, num_actors, progress)
@@ -286,33 +291,36 @@ def run_build(
                 report.encoded += 1
             report.images += rec.get("images", 0)
             done[i] = rec
-    _commit(cache_dir, tok, source, params, parts, done, report)
+    new_info, rows, errors = _plan_commit(tok, source, params, parts, done, report)
+    if (
+        info is not None
+        and _same_commit(info, committed, new_info, rows)
+        and storage.exists(storage.join(cache_dir, info.errors_file))
+    ):
+        report.up_to_date = True
+        print(f"tokens: {cache_dir} is up to date ({len(parts)} shards, {report.samples} samples); nothing to do")
+    else:
+        commit_cache(cache_dir, new_info, rows, errors)  # the manifest last: the commit point
+        print(
+            f"tokens: committed {cache_dir}: {report.samples} samples in {len(rows)} shards, {report.errors} "
+            f"error(s); {report.encoded} shard(s) encoded, {report.reused} kept",
+            flush=True,
+        )
+    remove_temporaries(cache_dir)  # leftovers of an earlier run killed mid-write; ours are all renamed by now
     report.seconds = time.perf_counter() - t0
-    print(
-        f"tokens: committed {cache_dir}: {report.samples} samples in {sum(1 for r in done.values() if r['shard'])} "
-        f"shards, {report.errors} error(s); {report.encoded} shard(s) encoded, {report.reused} kept",
-        flush=True,
-    )
     return report
 
 
-def _matches_commit(committed: list, info: dict | None, done: dict[int, dict], params: BuildParams) -> bool:
-    """The committed manifest lists exactly the current shards and cache.json the current source."""
-    if not committed or info is None:
-        return False
-    if info.get("source_fingerprint") != params.source_fingerprint or info.get("source") != params.source_spec:
-        return False
-    current = {r["shard"]: r for r in done.values() if r["shard"]}
-    listed = {r["shard"]: r for r in committed}
-    if set(current) != set(listed):
-        return False
-    return all(
-        listed[s]["sha256"] == rec["sha256"] and listed[s]["source_fingerprint"] == params.source_fingerprint
-        for s, rec in current.items()
-    )
+def _same_commit(info: CacheInfo, committed: list[dict], new: CacheInfo, rows: list[dict]) -> bool:
+    """The committed cache already is what this build would commit (all but the creation times)."""
+
+    def strip(rs: list[dict]) -> list[dict]:
+        return sorted(({k: v for k, v in r.items() if k != "created"} for r in rs), key=lambda r: r["shard"])
+
+    return {**asdict(info), "created": None} == {**asdict(new), "created": None} and strip(committed) == strip(rows)
 
 
-def _commit(cache_dir, tok, source, params: BuildParams, parts, done: dict[int, dict], report: BuildReport) -> None:
+def _plan_commit(tok, source, params: BuildParams, parts, done: dict[int, dict], report: BuildReport):
     recs = [done[p.index] for p in parts]
     errors = [e for r in recs for e in r["errors"]]
     samples = sum(r["samples"] for r in recs)
@@ -336,31 +344,30 @@ def _commit(cache_dir, tok, source, params: BuildParams, parts, done: dict[int, 
         for r in recs
         if r["shard"]
     ]
-    info = {
-        "format": CACHE_FORMAT,
-        "tokenizer_id": params.tokenizer_id,
-        "tokenizer_dir": params.tokenizer_dir,
-        "kind": tok.kind,
-        "vocab_size": int(tok.vocab_size),
-        "grid": [int(g) for g in tok.grid],
-        "input_size": int(tok.input_size),
-        "views": params.views,
-        "seed": params.seed,
-        "source": params.source_spec,
-        "source_kind": source.kind,
-        "source_fingerprint": params.source_fingerprint,
-        "source_size": len(source),
-        "partitions": len(parts),
-        "partition_size": source.partition_size,
-        "shards": len(rows),
-        "samples": samples,
-        "errors": len(errors),
-        "classes": source.classes,
-        "created": created.isoformat(),
-    }
-    write_errors(cache_dir, errors)
-    storage.write_bytes_atomic(storage.join(cache_dir, CACHE_INFO), json.dumps(info, indent=1).encode())
-    write_manifest(cache_dir, rows)  # last: the commit point
+    info = CacheInfo(
+        format=CACHE_FORMAT,
+        tokenizer_id=params.tokenizer_id,
+        tokenizer_dir=params.tokenizer_dir,
+        kind=tok.kind,
+        vocab_size=int(tok.vocab_size),
+        grid=[int(g) for g in tok.grid],
+        input_size=int(tok.input_size),
+        views=params.views,
+        seed=params.seed,
+        source=params.source_spec,
+        source_kind=source.kind,
+        source_fingerprint=params.source_fingerprint,
+        source_size=len(source),
+        partitions=len(parts),
+        partition_size=source.partition_size,
+        shards=len(rows),
+        samples=samples,
+        errors=len(errors),
+        errors_file=errors_name(errors),
+        classes=source.classes,
+        created=created.isoformat(),
+    )
+    return info, rows, errors
 
 
-__all__ = ["BuildReport", "Progress", "build_cache", "run_build"]
+__all__ = ["BuildReport", "Progress", "build_cache"]

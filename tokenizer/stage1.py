@@ -14,11 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
 
-import yaml
-
-from pipeline.config import ConfigError, apply_overrides, from_dict, resolve_recipe
+from pipeline.config import PATH, SOURCE, ConfigError, Range, apply_overrides, from_dict, read_yaml, resolve_recipe
 from tokenizer.train_config import TokenizerTrainConfig
 
 SECTIONS = ("tokenizer", "tokens")
@@ -26,18 +24,12 @@ SECTIONS = ("tokenizer", "tokens")
 
 @dataclass
 class TokensConfig:
-    out: str = "out/tokens"  # cache root: the cache is out/<tokenizer_id>/
-    source: str | None = None  # default: the source the tokenizer is trained on
-    views: int = 1
-    batch_size: int = 64
-    actors: int | None = None  # default: one per GPU, else one per CPU
+    out: Annotated[str, PATH] = "out/tokens"  # cache root: the cache is out/<tokenizer_id>/
+    source: Annotated[str | None, SOURCE] = None  # default: the source the tokenizer is trained on
+    views: Annotated[int, Range(ge=1)] = 1
+    batch_size: Annotated[int, Range(ge=1)] = 64
+    actors: Annotated[int | None, Range(ge=1)] = None  # default: one per GPU, else one per CPU
     seed: int = 0
-
-    def __post_init__(self):
-        if self.views < 1:
-            raise ValueError(f"tokens.views must be >= 1, got {self.views}")
-        if self.batch_size < 1:
-            raise ValueError(f"tokens.batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclass
@@ -52,7 +44,7 @@ def load_stage1_config(recipe: str | Path | None, overrides: Sequence[str] = ())
     if recipe is not None:
         path = resolve_recipe(recipe, TokenizerTrainConfig.RECIPES)
         where = str(path)
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = read_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping, got {type(loaded).__name__}")
         data = loaded if loaded and set(loaded) <= set(SECTIONS) else {"tokenizer": loaded}
@@ -67,7 +59,7 @@ def load_stage1_config(recipe: str | Path | None, overrides: Sequence[str] = ())
 def run_stage1(cfg: Stage1Config, address: str | None = None, num_cpus: int | None = None) -> dict[str, Any]:
     """Train (or reuse) the tokenizer, then build (or resume, or confirm) its token cache."""
     from pipeline.ray_context import ray_session
-    from tokenizer.precompute import run_build
+    from tokenizer.precompute import build_cache
     from tokenizer.train import train_tokenizer
 
     source = cfg.tokens.source or cfg.tokenizer.source
@@ -75,7 +67,7 @@ def run_stage1(cfg: Stage1Config, address: str | None = None, num_cpus: int | No
         raise ConfigError("tokens.source is not set and the tokenizer config names no source")
     with ray_session(address, num_cpus):
         tok_dir = str(train_tokenizer(cfg.tokenizer, address=address))
-        report = run_build(
+        report = build_cache(
             tok_dir,
             source,
             cfg.tokens.out,

@@ -9,15 +9,15 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pipeline.config import to_dict
+from pipeline.config import PATH, SOURCE, Range, to_dict
 from tokenizer.base import TokenizerConfig
 
 # Execution-only fields: changing them does not change what is trained.
 _EXECUTION_FIELDS = (
     "out", "storage_path", "run_name", "num_workers", "cpus_per_worker", "use_gpu",
-    "loader_workers", "checkpoint_every",
+    "loader_workers", "checkpoint_every", "max_failures",
 )
 
 
@@ -25,77 +25,65 @@ _EXECUTION_FIELDS = (
 class TokenizerTrainConfig:
     RECIPES: ClassVar[Path] = Path(__file__).parent / "recipes"
 
-    source: str = "shapes?n=2000&size=64&split=train"
-    out: str = "out/tokenizer"
+    source: Annotated[str, SOURCE] = "shapes?n=2000&size=64&split=train"
+    out: Annotated[str, PATH] = "out/tokenizer"
     model: TokenizerConfig = field(default_factory=TokenizerConfig)
     # teacher (VQ-KD): "hog" or "timm:<model_name>" with a local safetensors file
     teacher: str = "hog"
-    teacher_weights: str | None = None
+    teacher_weights: Annotated[str | None, PATH] = None
     teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
-    hog_bins: int = 9
-    hog_cell: int | None = None  # default: half the patch size
+    hog_bins: Annotated[int, Range(ge=1)] = 9
+    hog_cell: Annotated[int | None, Range(ge=1)] = None  # default: half the patch size
     hog_gray: bool = True  # histograms of luminance gradients (False: per RGB channel, 3x the dim)
-    hog_floor: float = 0.1  # cells are divided by max(l2 norm, floor): flat cells stay near zero
+    hog_floor: Annotated[float, Range(ge=0)] = 0.1  # cells are divided by max(l2 norm, floor): flat cells stay near zero
     standardize_targets: bool = True  # per-dimension standardisation of teacher features per batch
     # optimisation
-    epochs: int = 10
-    batch_size: int = 64  # global: split evenly across workers
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    betas: tuple[float, float] = (0.9, 0.99)
-    grad_clip: float = 1.0  # 0 = off
+    epochs: Annotated[int, Range(ge=1)] = 10
+    batch_size: Annotated[int, Range(ge=1)] = 64  # global: split evenly across workers
+    lr: Annotated[float, Range(gt=0)] = 1e-3
+    min_lr: Annotated[float, Range(ge=0)] = 1e-5
+    weight_decay: Annotated[float, Range(ge=0)] = 0.05
+    warmup_epochs: Annotated[float, Range(ge=0)] = 1.0
+    betas: Annotated[tuple[float, float], Range(ge=0, lt=1)] = (0.9, 0.99)
+    grad_clip: Annotated[float, Range(ge=0)] = 1.0  # 0 = off
     amp: bool = True  # bf16 autocast on GPU (never on CPU: it is slower there)
     # data
     augment: bool = True  # random-resized crops + flips; else the centre view
-    crop_scale: tuple[float, float] = (0.5, 1.0)
+    crop_scale: Annotated[tuple[float, float], Range(gt=0, le=1)] = (0.5, 1.0)
     cache_images: bool = True  # keep decoded images in memory (small sources)
-    loader_workers: int = 0  # DataLoader processes per Ray worker
-    heldout_source: str | None = None
-    heldout_size: int = 256
+    loader_workers: Annotated[int, Range(ge=0)] = 0  # DataLoader processes per Ray worker
+    heldout_source: Annotated[str | None, SOURCE] = None
+    heldout_size: Annotated[int, Range(ge=1)] = 256
     # VQ-KD codebook
-    ema_decay: float = 0.99
+    ema_decay: Annotated[float, Range(ge=0, lt=1)] = 0.99
     # Share of training before the codebook exists: the decoder reads the encoder's continuous outputs,
     # then the codebook is k-means-initialised on what the encoder has learnt. Quantising a random
     # encoder from step 0 left the demo's tokens near-useless (codes of colour, not of form).
-    codebook_warmup: float = 0.0
-    commitment_weight: float = 1.0
-    kmeans_iters: int = 10
-    restart_every: int = 20  # steps between dead-code restarts (0 = never)
+    codebook_warmup: Annotated[float, Range(ge=0, lt=1)] = 0.0
+    commitment_weight: Annotated[float, Range(ge=0)] = 1.0
+    kmeans_iters: Annotated[int, Range(ge=0)] = 10
+    restart_every: Annotated[int, Range(ge=0)] = 20  # steps between dead-code restarts (0 = never)
     # dVAE
-    temperature_start: float = 1.0
-    temperature_end: float = 0.0625
-    temperature_anneal: float = 0.8  # fraction of training over which the temperature decays
-    kl_weight: float = 0.0
+    temperature_start: Annotated[float, Range(gt=0)] = 1.0
+    temperature_end: Annotated[float, Range(gt=0)] = 0.0625
+    temperature_anneal: Annotated[float, Range(ge=0, le=1)] = 0.8  # fraction of training over which the temperature decays
+    kl_weight: Annotated[float, Range(ge=0)] = 0.0
     gumbel_hard: bool = False  # straight-through: one-hot samples forward, relaxed gradients backward
     # execution
-    num_workers: int = 1  # Ray Train workers (0 = in the driver process, nothing persisted)
-    cpus_per_worker: float = 1.0
+    num_workers: Annotated[int, Range(ge=0)] = 1  # Ray Train workers (0 = in the driver process, nothing persisted)
+    cpus_per_worker: Annotated[float, Range(gt=0)] = 1.0
     use_gpu: bool = False
     seed: int = 0
     run_name: str | None = None  # default: tokenizer-<kind>-<fingerprint>
-    storage_path: str | None = None  # Ray Train storage; default: <parent of out>/ray
-    checkpoint_every: int = 1  # epochs (the last epoch is always checkpointed)
+    storage_path: Annotated[str | None, PATH] = None  # Ray Train storage; default: <parent of out>/ray
+    checkpoint_every: Annotated[int, Range(ge=1)] = 1  # epochs (the last epoch is always checkpointed)
+    max_failures: Annotated[int, Range(ge=-1)] = 3  # killed workers replaced inside the run, each time from the newest checkpoint
 
-    def __post_init__(self):
-        checks = [
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
-            (self.cpus_per_worker > 0, f"cpus_per_worker must be > 0, got {self.cpus_per_worker}"),
-            (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}"),
-            (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
-            (self.temperature_start > 0 and self.temperature_end > 0, "temperatures must be > 0"),
-            (self.heldout_size >= 1, f"heldout_size must be >= 1, got {self.heldout_size}"),
-            (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
-            (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
-            (0 <= self.codebook_warmup < 1, f"codebook_warmup must be in [0, 1), got {self.codebook_warmup}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+    def validate(self) -> None:
+        if self.crop_scale[0] > self.crop_scale[1]:
+            raise ValueError(f"crop_scale: must be [lo, hi] with lo <= hi, got {list(self.crop_scale)}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
 
 
 # --- planning (driver side) ---------------------------------------------------------------------

@@ -1,51 +1,49 @@
-"""The training loop each Ray Train worker runs (one DDP rank).
+"""The training loop each Ray Train worker runs (one DDP rank), on ``pipeline.train_worker``.
 
 Each rank reads an equal-sized, disjoint slice of the source's training items (by index), so every
 rank runs the same number of steps; undecodable items are counted and dropped from their batch, never
 a crash. AdamW, linear warmup then cosine decay, per-epoch loss and codebook usage over the whole
 epoch (codes used, perplexity, all-reduced over ranks). A checkpoint (itself a loadable tokenizer
-directory plus ``state.pt``) is reported through ``ray.train.report``; rank 0 returns the summary the
-driver saves.
+directory plus ``state.pt``) is reported at epoch ends; a rerun of the same named run, or a restart after
+a worker failure, resumes from the newest. Rank 0 returns the summary the driver saves.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
-import os
-import sys
-import tempfile
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from pipeline.train_worker import (WorkerEnv, apply_lr, derive_seed, load_torch, param_groups, report, restored,
+                                   save_torch, seed_everything, warmup_cosine, worker_env)
+from tokenizer.checkpoint import build_tokenizer, save_tokenizer
+from tokenizer.quantizer import usage_stats
+from tokenizer.teachers import standardize
 from tokenizer.train_config import Plan, TokenizerTrainConfig, teacher_for
 from tokenizer.train_data import ShardImages, collate_good, evaluate_heldout, reconstruction_grid
+from tokenizer.vqkd import VQKDTrainModule
+
+
+@dataclass
+class TokenizerJob:
+    """What the driver hands every worker: the config, the held-out plan, the training fingerprint."""
+
+    cfg: TokenizerTrainConfig
+    plan: Plan
+    fingerprint: str
+    local_mode: bool  # num_workers == 0: nothing is persisted, so rank 0 returns the weights
 
 
 # --- schedules ----------------------------------------------------------------------------------
-def lr_at(step: int, total: int, warmup: int, base: float, floor: float) -> float:
-    if warmup and step < warmup:
-        return base * (step + 1) / warmup
-    span = max(1, total - warmup)
-    t = min(1.0, (step - warmup) / span)
-    return floor + 0.5 * (base - floor) * (1 + math.cos(math.pi * t))
-
-
 def temperature_at(step: int, total: int, cfg: TokenizerTrainConfig) -> float:
     horizon = max(1.0, cfg.temperature_anneal * total)
     t = min(1.0, step / horizon)
     return cfg.temperature_start * (cfg.temperature_end / cfg.temperature_start) ** t
-
-
-def _param_groups(module: torch.nn.Module, weight_decay: float):
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith("pos_embed") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 # --- the model under training -------------------------------------------------------------------
@@ -53,15 +51,11 @@ class _Trainee:
     """Builds the tokenizer (+ decoder and teacher for VQ-KD) and runs one training forward."""
 
     def __init__(self, cfg: TokenizerTrainConfig, device: torch.device):
-        from tokenizer.base import build_tokenizer
-
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        seed_everything(cfg.seed)  # identical initial weights on every rank
         self.cfg = cfg
         self.tokenizer = build_tokenizer(cfg.model)
         self.teacher = None
         if cfg.model.kind == "vqkd":
-            from tokenizer.vqkd import VQKDTrainModule
-
             q = self.tokenizer.quantizer
             q.decay, q.kmeans_iters, q.restart_every, q.seed = cfg.ema_decay, cfg.kmeans_iters, cfg.restart_every, cfg.seed
             self.teacher = teacher_for(cfg).to(device)
@@ -74,8 +68,6 @@ class _Trainee:
         if self.teacher is not None:
             targets = self.teacher(x)
             if self.cfg.standardize_targets:
-                from tokenizer.teachers import standardize
-
                 targets = standardize(targets)
             return model(x, targets, self.cfg.commitment_weight, quantize)
         tau = temperature_at(step, total, self.cfg)
@@ -93,25 +85,7 @@ class _Trainee:
             self.tokenizer.quantizer.load_training_state(state["quantizer"])
 
 
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t
-
-
 def _gather_codebooks(tok) -> dict[str, Any]:
-    import torch.distributed as dist
-
     cb = tok.codebook().detach().float().contiguous()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         gathered = [torch.zeros_like(cb) for _ in range(dist.get_world_size())]
@@ -137,67 +111,80 @@ def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+class EpochStats:
+    """One epoch's sums on the device (a float() per step would stall a GPU): loss, reconstruction, the
+    commitment/KL term, images, the untrained model's loss; code counts; bad inputs. Reduced at the end."""
+
+    def __init__(self, vocab: int, device: torch.device, world: int):
+        self.device, self.world = device, world
+        self.counts = torch.zeros(vocab, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss*n, rec*n, aux*n, n, first-step loss
+        self.bad = 0
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+
+    def add(self, step: int, loss: torch.Tensor, idx: torch.Tensor | None, parts: dict[str, torch.Tensor], n: int) -> None:
+        loss_d = loss.detach().double()
+        if step == 0:
+            self.sums[4] = loss_d / self.world  # the untrained model's loss, for reference
+        if idx is not None:  # None while the codebook warms up
+            self.counts += torch.bincount(idx.reshape(-1), minlength=len(self.counts)).to(self.counts)
+        aux = parts.get("commit", parts.get("kl"))
+        aux_d = aux.detach().double() if aux is not None else torch.zeros((), dtype=torch.float64, device=self.device)
+        self.sums[:4] += torch.stack([loss_d * n, parts["rec"].detach().double() * n, aux_d * n,
+                                      torch.tensor(float(n), dtype=torch.float64, device=self.device)])
+
+    def metrics(self, env: WorkerEnv, epoch: int, lr: float, vqkd: bool) -> dict[str, Any]:
+        counts, sums = env.all_reduce(self.counts), env.all_reduce(self.sums)
+        bad = env.all_reduce(torch.tensor([self.bad], dtype=torch.float64, device=self.device))
+        n = max(1.0, float(sums[3]))
+        return {
+            "epoch": epoch + 1,
+            "loss": float(sums[0]) / n,
+            "rec": float(sums[1]) / n,
+            ("commit" if vqkd else "kl"): float(sums[2]) / n,
+            **usage_stats(counts.cpu()),
+            **({"first_step_loss": float(sums[4])} if epoch == 0 else {}),
+            "lr": lr,
+            "bad_inputs": int(bad.item()),
+            "seconds": round(time.perf_counter() - self.t0, 2),
+            "cpu_seconds": round(time.process_time() - self.c0, 2),  # rank 0's process: wall >> cpu means contention
+        }
+
+
+def _epoch_line(m: dict[str, Any], epochs: int, vocab: int, quantizing: bool) -> str:
+    return (
+        f"epoch {m['epoch']}/{epochs}: loss {m['loss']:.4f} (rec {m['rec']:.4f}), "
+        + (f"codes used {m['codes_used']}/{vocab}, perplexity {m['perplexity']:.1f}, "
+           if quantizing else "codebook warm-up (not quantising yet), ")
+        + f"lr {m['lr']:.2e}, {m['seconds']:.1f} s (cpu {m['cpu_seconds']:.1f} s)"
+        + (f", {m['bad_inputs']} bad inputs skipped" if m["bad_inputs"] else "")
+        + (f", restarted {m['restarted_codes']} dead codes" if m.get("restarted_codes") else "")
+        + (f", temperature {m['temperature']:.3f}" if "temperature" in m else "")
+    )
+
+
 # --- the per-worker loop ------------------------------------------------------------------------
-def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
-    import ray.train
-    import ray.train.torch
-    from torch.nn.parallel import DistributedDataParallel
-
-    from pipeline.config import from_dict
-    from pipeline.ray_context import quiet_train_worker_logs
-    from tokenizer.base import save_tokenizer
-    from tokenizer.quantizer import usage_stats
-
-    cfg = from_dict(TokenizerTrainConfig, loop_config["cfg"])
-    plan = Plan(**loop_config["plan"])
-    fingerprint = loop_config["fingerprint"]
-    rank, world = _rank_world()
-    quiet_train_worker_logs()
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
-    amp = device.type == "cuda" and cfg.amp
-    # sys.__stdout__: Ray Train's print patch would otherwise show each line twice.
-    log = (lambda msg: print(f"[tokenizer] {msg}", file=sys.__stdout__, flush=True)) if rank == 0 else (lambda msg: None)
-
+def train_loop_per_worker(job: TokenizerJob) -> dict[str, Any] | None:
+    cfg, plan = job.cfg, job.plan
+    env = worker_env(cpus=cfg.cpus_per_worker, use_gpu=cfg.use_gpu, amp=cfg.amp)
+    rank, world, device = env.rank, env.world, env.device
+    log = lambda msg: env.say(f"[tokenizer] {msg}")  # noqa: E731
     trainee = _Trainee(cfg, device)
     tok, k = trainee.tokenizer, cfg.model.vocab_size
-    optimizer = torch.optim.AdamW(_param_groups(trainee.module, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
-
-    # Resume from the run's latest checkpoint when it was made by this same training config.
-    start_epoch, history, bad_examples = 0, [], []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
-        if state.get("fingerprint") == fingerprint:
-            trainee.load_training_state(state)
-            optimizer.load_state_dict(state["optimizer"])
-            if "rng" in state:  # dead-code restarts draw from torch's global RNG (rank 0 picks for all ranks)
-                _set_rng_state(state["rng"], device)
-            start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
-            bad_examples = list(state.get("bad_examples", []))  # rank 0's, the ones the result reports
-            log(f"resuming after epoch {start_epoch} of {cfg.epochs} from the run's checkpoint")
-        else:
-            log("the run's checkpoint was made by another config: starting afresh")
-
-    model = trainee.module
-    if world > 1:
-        model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
-        )
+    optimizer = torch.optim.AdamW(param_groups(trainee.module, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
+    start_epoch, history, bad_examples = _resume(trainee, optimizer, job, device, log)
+    model = env.wrap(trainee.module, broadcast_buffers=False)  # the quantizer all-reduces its own EMA statistics
 
     # Equal, disjoint slices of the training items: every rank runs the same number of steps.
     train = range(plan.train_start, plan.train_stop)
     per_rank = len(train) // world
     if per_rank == 0:
         raise ValueError(f"source {cfg.source!r} has {len(train)} training items, fewer than {world} workers")
-    shard = train[rank::world][:per_rank]
     bs = max(1, min(cfg.batch_size // world, per_rank))
     steps = per_rank // bs
-    total = steps * cfg.epochs
-    warmup = int(round(cfg.warmup_epochs * steps))
+    total, warmup = steps * cfg.epochs, int(round(cfg.warmup_epochs * steps))
     codebook_from = int(round(cfg.codebook_warmup * total)) if trainee.teacher is not None else 0
-    data = ShardImages(cfg.source, shard, cfg.model.input_size, augment=cfg.augment,
+    data = ShardImages(cfg.source, train[rank::world][:per_rank], cfg.model.input_size, augment=cfg.augment,
                        crop_scale=cfg.crop_scale, seed=cfg.seed, cache=cfg.cache_images)
     if start_epoch == 0:
         log(f"{tok.describe()}; {world} worker(s) x {bs} images/step, {steps} steps/epoch, {cfg.epochs} epochs"
@@ -205,108 +192,91 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
     last_batch = None
     for epoch in range(start_epoch, cfg.epochs):
-        t0, c0 = time.perf_counter(), time.process_time()
         trainee.module.train()
         data.epoch = epoch
-        g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 104729 + rank)
+        g = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, rank))
         order = torch.randperm(len(data), generator=g)[: steps * bs].tolist()
         loader = torch.utils.data.DataLoader(data, batch_size=bs, sampler=order, collate_fn=collate_good,
                                              num_workers=cfg.loader_workers)
-        counts = torch.zeros(k, dtype=torch.float64, device=device)
-        sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss*n, rec*n, aux*n, n, first-step loss
-        bad = 0
+        stats = EpochStats(k, device, world)
         restarted0 = getattr(getattr(tok, "quantizer", None), "restarted_total", 0)
         for i, (batch, bad_reasons) in enumerate(loader):
             step = epoch * steps + i
-            bad += len(bad_reasons)
-            if bad_reasons and len(bad_examples) < 5:
-                bad_examples += bad_reasons[: 5 - len(bad_examples)]
+            stats.bad += len(bad_reasons)
+            bad_examples += bad_reasons[: max(0, 5 - len(bad_examples))]
             if batch is None:  # a batch of undecodable items: repeat the last good one (DDP needs a step)
                 if last_batch is None:
                     raise ValueError(f"rank {rank}: no decodable image in the first batch ({bad_reasons[:3]})")
                 batch = last_batch
             last_batch = batch
-            lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x = batch.to(device, non_blocking=True).float().div_(255.0)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            lr = warmup_cosine(step, total, warmup, cfg.lr, cfg.min_lr)
+            apply_lr(optimizer, lr)
+            x = batch.to(device, non_blocking=True).float().div_(255.0)  # [0, 1]: the tokenizer normalises
+            with env.autocast():
                 loss, idx, parts = trainee.forward(model, x, step, total, quantize=step >= codebook_from)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(trainee.module.parameters(), cfg.grad_clip)
             optimizer.step()
-            # metrics stay on the device until the epoch ends (a float() per step would stall a GPU)
-            n = x.shape[0]
-            loss_d = loss.detach().double()
-            if step == 0:
-                sums[4] = loss_d / world  # the untrained model's loss, for reference
-            if idx is not None:  # None while the codebook warms up
-                counts += torch.bincount(idx.reshape(-1), minlength=k).to(counts)
-            aux = parts.get("commit", parts.get("kl"))
-            aux_d = aux.detach().double() if aux is not None else torch.zeros((), dtype=torch.float64, device=device)
-            sums[:4] += torch.stack([loss_d * n, parts["rec"].detach().double() * n, aux_d * n,
-                                     torch.tensor(float(n), dtype=torch.float64, device=device)])
-        _all_reduce(counts)
-        _all_reduce(sums)
-        bad_t = _all_reduce(torch.tensor([bad], dtype=torch.float64, device=device))
-        n = max(1.0, float(sums[3]))
-        metrics = {
-            "epoch": epoch + 1,
-            "loss": float(sums[0]) / n,
-            "rec": float(sums[1]) / n,
-            ("commit" if trainee.teacher is not None else "kl"): float(sums[2]) / n,
-            **usage_stats(counts.cpu()),
-            **({"first_step_loss": float(sums[4])} if epoch == 0 else {}),
-            "lr": lr,
-            "bad_inputs": int(bad_t.item()),
-            "seconds": round(time.perf_counter() - t0, 2),
-            "cpu_seconds": round(time.process_time() - c0, 2),  # rank 0's process: wall >> cpu means contention
-        }
+            stats.add(step, loss, idx, parts, x.shape[0])
+        metrics = stats.metrics(env, epoch, lr, vqkd=trainee.teacher is not None)
         if trainee.teacher is None:
             metrics["temperature"] = temperature_at((epoch + 1) * steps - 1, total, cfg)
         else:
             metrics["restarted_codes"] = int(tok.quantizer.restarted_total - restarted0)
         history.append(metrics)
-        log(
-            f"epoch {epoch + 1}/{cfg.epochs}: loss {metrics['loss']:.4f} (rec {metrics['rec']:.4f}), "
-            + (f"codes used {metrics['codes_used']}/{k}, perplexity {metrics['perplexity']:.1f}, "
-               if (epoch + 1) * steps > codebook_from else "codebook warm-up (not quantising yet), ")
-            + f"lr {lr:.2e}, {metrics['seconds']:.1f} s (cpu {metrics['cpu_seconds']:.1f} s)"
-            + (f", {metrics['bad_inputs']} bad inputs skipped" if metrics["bad_inputs"] else "")
-            + (f", restarted {metrics['restarted_codes']} dead codes" if metrics.get("restarted_codes") else "")
-            + (f", temperature {metrics['temperature']:.3f}" if "temperature" in metrics else "")
-        )
-        last = epoch + 1 == cfg.epochs
-        if last or (epoch + 1) % cfg.checkpoint_every == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                checkpoint = None
-                if rank == 0:
-                    save_tokenizer(tok, tmp)  # the checkpoint is itself a loadable tokenizer directory
-                    state = {"fingerprint": fingerprint, "epoch": epoch, "history": history,
-                             "optimizer": optimizer.state_dict(), "rng": _rng_state(device),
-                             "bad_examples": bad_examples,
-                             **trainee.training_state()}
-                    torch.save(state, os.path.join(tmp, "state.pt"))
-                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
-        else:
-            ray.train.report(metrics)
+        log(_epoch_line(metrics, cfg.epochs, k, quantizing=(epoch + 1) * steps > codebook_from))
 
+        def write_checkpoint(directory: Path) -> None:
+            save_tokenizer(tok, directory)  # the checkpoint is itself a loadable tokenizer directory
+            save_torch({"fingerprint": job.fingerprint, "epoch": epoch, "history": history,
+                        "optimizer": optimizer.state_dict(), "rng": _rng_state(device), "bad_examples": bad_examples,
+                        **trainee.training_state()}, directory / "state.pt")
+
+        if epoch + 1 == cfg.epochs or (epoch + 1) % cfg.checkpoint_every == 0:
+            report(metrics, name=f"epoch-{epoch + 1:04d}", write=write_checkpoint)
+        else:
+            report(metrics)
+
+    return _summary(job, tok, bs, device, rank, history, start_epoch, bad_examples)
+
+
+def _resume(trainee: _Trainee, optimizer: torch.optim.Optimizer, job: TokenizerJob, device: torch.device,
+            log) -> tuple[int, list[dict], list[str]]:
+    """(first epoch, history, bad examples) from the run's newest checkpoint when this same training
+    config made it; else a fresh start."""
+    with restored() as d:
+        state = load_torch(d / "state.pt") if d is not None else None
+    if state is None:
+        return 0, [], []
+    if state.get("fingerprint") != job.fingerprint:
+        log("the run's checkpoint was made by another config: starting afresh")
+        return 0, [], []
+    trainee.load_training_state(state)
+    optimizer.load_state_dict(state["optimizer"])
+    if "rng" in state:  # dead-code restarts draw from torch's global RNG (rank 0 picks for all ranks)
+        _set_rng_state(state["rng"], device)
+    start_epoch = int(state["epoch"]) + 1
+    log(f"resuming after epoch {start_epoch} of {job.cfg.epochs} from the run's checkpoint")
+    return start_epoch, list(state["history"]), list(state.get("bad_examples", []))  # rank 0's bad examples
+
+
+def _summary(job: TokenizerJob, tok, bs: int, device: torch.device, rank: int, history: list[dict],
+             start_epoch: int, bad_examples: list[str]) -> dict[str, Any] | None:
+    """Rank 0's result for the driver: history, held-out usage, the DDP codebook check (all ranks join)."""
     codebook_check = _gather_codebooks(tok)
     if rank != 0:
         return None
     tok.eval()
-    heldout = evaluate_heldout(tok, plan, batch_size=max(bs, 32), device=device)
     result = {
         "history": history,
-        "heldout": heldout,
+        "heldout": evaluate_heldout(tok, job.plan, batch_size=max(bs, 32), device=device),
         "codebook_check": codebook_check,
         "resumed_from_epoch": start_epoch,
         "bad_examples": bad_examples,
-        "reconstructions": reconstruction_grid(tok, plan, device) if tok.kind == "dvae" else None,
+        "reconstructions": reconstruction_grid(tok, job.plan, device) if tok.kind == "dvae" else None,
     }
-    if loop_config.get("local_mode"):  # nothing is persisted in local mode: hand the weights back
+    if job.local_mode:  # nothing is persisted in local mode: hand the weights back
         result["state"] = {k: v.numpy() for k, v in tok.export_state_dict().items()}
     return result

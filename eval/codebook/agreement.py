@@ -11,7 +11,7 @@ import numpy as np
 
 from eval.codebook import faiss_ops, scan
 from eval.codebook.ray_util import gather, remote
-from pipeline.shards import CacheError
+from pipeline.token_cache import CacheError
 
 
 def pick_agreement_shards(rows: list[dict[str, Any]], sample: int, max_shards: int = 8) -> list[tuple[int, int]]:

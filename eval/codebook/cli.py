@@ -8,7 +8,7 @@ import argparse
 def cmd_report(args: argparse.Namespace) -> int:
     from eval.codebook.report import codebook_report
     from pipeline.errors import StageError
-    from pipeline.shards import CacheError
+    from pipeline.token_cache import CacheError
 
     try:
         codebook_report(

@@ -62,7 +62,7 @@ def load_other(location: str) -> tuple[dict[str, Any], str]:
 
 def other_counts(other_dir: str, vocab_size: int) -> np.ndarray | None:
     """The other report's histogram from its codes.parquet, when it is there."""
-    from pipeline.shards import read_parquet
+    from pipeline.token_cache import read_parquet
 
     path = storage.join(other_dir, "codes.parquet")
     if not storage.exists(path):

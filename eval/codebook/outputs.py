@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from eval.codebook import html, plots, stats
 from pipeline import storage
-from pipeline.shards import write_parquet_atomic
+from pipeline.token_cache import write_parquet_atomic
 
 CODES_SCHEMA = pa.schema(
     [

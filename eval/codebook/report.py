@@ -22,7 +22,7 @@ from eval.codebook.geometry import run_geometry
 from eval.codebook.ray_util import gather, remote
 from pipeline import storage
 from pipeline.errors import StageError
-from pipeline.shards import CACHE_INFO, MANIFEST, CacheError, check_cache, shard_urls
+from pipeline.token_cache import MANIFEST, CacheError, CacheInfo, check_cache, shard_urls
 
 
 def resolve_cache_dir(location: str) -> str:
@@ -30,9 +30,9 @@ def resolve_cache_dir(location: str) -> str:
     location = str(location)
     if not storage.exists(location):
         raise CacheError(f"token cache not found: {location}")
-    if storage.exists(storage.join(location, CACHE_INFO)) or storage.exists(storage.join(location, MANIFEST)):
+    if storage.exists(storage.join(location, MANIFEST)):
         return location
-    inner = [n for n in storage.list_names(location) if storage.exists(storage.join(location, n, CACHE_INFO))]
+    inner = [n for n in storage.list_names(location) if storage.exists(storage.join(location, n, MANIFEST))]
     if len(inner) == 1:
         return storage.join(location, inner[0])
     if len(inner) > 1:
@@ -40,9 +40,9 @@ def resolve_cache_dir(location: str) -> str:
     return location  # check_cache says what is missing
 
 
-def load_checked_tokenizer(tokenizer_dir: str, info: dict[str, Any], vocab_size: int):
+def load_checked_tokenizer(tokenizer_dir: str, info: CacheInfo, vocab_size: int):
     try:
-        from tokenizer.base import load_tokenizer
+        from tokenizer.checkpoint import load_tokenizer
     except ImportError as e:  # pragma: no cover - the tokenizer package is a sibling stage
         raise StageError(f"cannot load tokenizers: {e}") from None
     try:
@@ -52,7 +52,7 @@ def load_checked_tokenizer(tokenizer_dir: str, info: dict[str, Any], vocab_size:
     if int(tok.vocab_size) != vocab_size:
         raise StageError(
             f"tokenizer {tokenizer_dir} ({tok.tokenizer_id}) has a vocabulary of {tok.vocab_size} codes but the cache "
-            f"was made with {vocab_size} (tokenizer {info.get('tokenizer_id')}): pass the tokenizer that built the cache"
+            f"was made with {vocab_size} (tokenizer {info.tokenizer_id}): pass the tokenizer that built the cache"
         )
     return tok
 
@@ -143,18 +143,13 @@ def codebook_report(
     t0 = time.perf_counter()
     cache_dir = resolve_cache_dir(cache_dir)
     info, rows = check_cache(cache_dir)
-    k = info.get("vocab_size")
+    k = info.vocab_size
     tok = None
     if tokenizer_dir is not None:
         if not storage.is_uri(tokenizer_dir):
             tokenizer_dir = storage.resolve(tokenizer_dir)[1]
-        if k is None:
-            raise CacheError(f"{cache_dir}/{CACHE_INFO} has no vocab_size")
-        tok = load_checked_tokenizer(tokenizer_dir, info, int(k))
-    if k is None:
-        raise CacheError(f"{cache_dir}/{CACHE_INFO} has no vocab_size; pass --tokenizer to give it")
-    k = int(k)
-    class_names = info.get("classes")
+        tok = load_checked_tokenizer(tokenizer_dir, info, k)
+    class_names = info.classes
     source_info = None
     if source is not None:
         from pipeline.sources import open_source
@@ -177,8 +172,8 @@ def codebook_report(
                              f"the cache is corrupt or mislabelled: run `mimflow tokens verify {cache_dir}`")
         if sc.counts.sum() == 0:
             raise CacheError(f"token cache {cache_dir} holds no tokens ({sum(m['samples'] for m in sc.shard_meta)} samples)")
-        grid = tuple(info.get("grid") or next(iter(sc.grids)))
-        input_size = info.get("input_size") or (tok.input_size if tok is not None else None)
+        grid = tuple(info.grid)
+        input_size = info.input_size
         patches, most, least = {}, [], []
         if mosaic_codes > 0 and input_size and len(sc.grids) == 1:
             t = time.perf_counter()
@@ -201,7 +196,7 @@ def codebook_report(
             geometry, columns = run_geometry(codebook, sc.counts, duplicate_threshold, clusters, use_gpu)
         timing["geometry_s"] = time.perf_counter() - t
     elif tokenizer_dir is None:
-        hint = f" (cache.json names {info['tokenizer_dir']})" if info.get("tokenizer_dir") else ""
+        hint = f" (the cache info names {info.tokenizer_dir})" if info.tokenizer_dir else ""
         skipped = f"no --tokenizer given: codebook geometry and agreement need the tokenizer{hint}"
     drift = stats.shard_drift(sc.shard_counts, sc.counts)
     baselines: dict[int, float] = {}  # by shard size: most shards of a cache have the same size
@@ -217,13 +212,13 @@ def codebook_report(
     report: dict[str, Any] = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cache": {
-            "path": cache_dir, "tokenizer_id": info.get("tokenizer_id"), "kind": info.get("kind"),
+            "path": cache_dir, "tokenizer_id": info.tokenizer_id, "kind": info.kind,
             "shards": len(urls), "samples": int(sum(m["samples"] for m in sc.shard_meta)),
             "views": int(sum(m["views"] for m in sc.shard_meta)), "grid": list(grid), "input_size": input_size,
         },
         "tokenizer": None if tok is None else {
             "path": tokenizer_dir, "tokenizer_id": tok.tokenizer_id, "kind": tok.kind,
-            "matches_cache": tok.tokenizer_id == info.get("tokenizer_id"),
+            "matches_cache": tok.tokenizer_id == info.tokenizer_id,
         },
         "source": source_info,
         "usage": stats.usage_figures(sc.counts),

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.shards import CacheError, read_shard, tokens_from_npy
+from pipeline.token_cache import CacheError, read_shard, tokens_from_npy
 
 # Occurrence records: code, sample index in the shard, view, row, column.
 OCC_FIELDS = 5
@@ -95,7 +95,7 @@ def render_patches(shard: str, requests: np.ndarray, input_size: int, grid: tupl
     """The image patch under each (sample, view, y, x) request: the cached view rebuilt exactly as
     the tokenizer saw it (``render_view`` at ``input_size``), cut into the token grid."""
     from pipeline.images import decode_rgb  # torch-free: a patch-drawing Ray worker starts in milliseconds
-    from pipeline.shards import decode_sample
+    from pipeline.token_cache import decode_sample
     from pipeline.views import render_view
 
     samples = read_shard(shard)
@@ -122,10 +122,10 @@ def encode_sample_of_shard(shard: str, tokenizer_dir: str, limit: int, batch_siz
     import torch
 
     from pipeline.images import decode_rgb
-    from pipeline.shards import decode_sample
+    from pipeline.token_cache import decode_sample
     from pipeline.tensors import to_tensor
     from pipeline.views import render_view
-    from tokenizer.base import load_tokenizer
+    from tokenizer.checkpoint import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir, map_location=device)
     samples = read_shard(shard)[:limit]

@@ -217,7 +217,7 @@ def recognise(kind: str, checkpoint: str | Path, decoder: str | Path | None = No
 def import_released(kind: str, checkpoint: str | Path, out: str | Path, decoder: str | Path | None = None,
                     input_size: int | None = None, num_heads: int | None = None) -> str:
     """Write the tokenizer directory (config.json + model.safetensors); returns its ``tokenizer_id``."""
-    from tokenizer.base import save_tokenizer
+    from tokenizer.checkpoint import save_tokenizer
     from tokenizer.released import build_released
 
     rec = recognise(kind, checkpoint, decoder, input_size, num_heads)

@@ -3,9 +3,10 @@
 ``tokens/<tokenizer_id>/``
     ``shard-000000.tar`` …  one sample = ``<key>.<fmt>`` (source bytes, unchanged), ``<key>.tokens.npy``
                            (uint16 ``[V, h, w]``), ``<key>.views.json``, ``<key>.cls`` when labelled
-    ``cache.json``         what made the cache: tokenizer id/kind/vocab/grid/input size, source, views
-    ``errors.parquet``     inputs that could not be used: key, source, reason
-    ``manifest.parquet``   one row per shard; written last and atomically: no manifest, no cache
+    ``errors-<digest>.parquet``  inputs that could not be used: key, source, reason (named by content)
+    ``manifest.parquet``   one row per shard, and in its metadata the ``CacheInfo`` (what made the cache,
+                           which errors file belongs to it); written last and atomically: it is the one
+                           commit point, so a reader sees the old cache or the new one, never a mix
 
 Tars are written deterministically (sorted members, zero mtimes and owners), so the same input gives
 byte-identical shards and the same sha256 on any machine. Nothing in a shard is pickled.
@@ -17,7 +18,7 @@ import hashlib
 import io
 import json
 import tarfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -30,8 +31,8 @@ from pipeline.errors import CacheError
 from pipeline.views import View, views_from_json, views_to_json
 
 MANIFEST = "manifest.parquet"
-ERRORS = "errors.parquet"
-CACHE_INFO = "cache.json"
+INFO_KEY = b"mimflow.cache_info"  # the manifest's schema metadata key holding the CacheInfo JSON
+CACHE_FORMAT = 2  # 2: CacheInfo inside the manifest, content-named errors file, key-hashed partitions
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -50,6 +51,68 @@ ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("reas
 
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
+
+
+def errors_name(errors: list[dict[str, str]]) -> str:
+    """The errors file of a commit, named by its content so that an old manifest keeps naming its own."""
+    text = json.dumps(sorted((e["key"], e["source"], e["reason"]) for e in errors))
+    return f"errors-{hashlib.sha256(text.encode()).hexdigest()[:16]}.parquet"
+
+
+@dataclass
+class CacheInfo:
+    """What made a token cache; stored in the manifest's metadata (``write_manifest``/``read_cache_info``)."""
+
+    format: int
+    tokenizer_id: str
+    tokenizer_dir: str
+    kind: str
+    vocab_size: int
+    grid: list[int]
+    input_size: int
+    views: int
+    seed: int
+    source: str
+    source_kind: str
+    source_fingerprint: str
+    source_size: int
+    partitions: int  # fixed for the cache's life: items go to partition hash(key) % partitions
+    partition_size: int
+    shards: int
+    samples: int
+    errors: int
+    errors_file: str
+    classes: list[str] | None
+    created: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str) -> "CacheInfo":
+        """Parse and type-check; a missing, unknown or mistyped key is a CacheError naming ``where``."""
+        try:
+            doc = json.loads(text)
+        except ValueError as e:
+            raise CacheError(f"{where}: cache info is not JSON ({e})") from None
+        if not isinstance(doc, dict):
+            raise CacheError(f"{where}: cache info is not a JSON object")
+        names = {f.name for f in fields(cls)}
+        missing, unknown = sorted(names - set(doc)), sorted(set(doc) - names)
+        if missing or unknown:
+            what = "; ".join(x for x in (missing and f"missing {missing}", unknown and f"unknown {unknown}") if x)
+            raise CacheError(f"{where}: cache info has {what}; rebuild it with `mimflow tokens refresh`")
+        for f in fields(cls):
+            v = doc[f.name]
+            ok = {
+                "int": isinstance(v, int) and not isinstance(v, bool),
+                "str": isinstance(v, str),
+                "list[int]": isinstance(v, list) and all(isinstance(x, int) for x in v),
+                "list[str] | None": v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+            }[str(f.type)]
+            if not ok:
+                raise CacheError(f"{where}: cache info field {f.name!r} should be {f.type}, got {v!r}")
+        return cls(**doc)
 
 
 @dataclass
@@ -154,6 +217,16 @@ def parse_shard(data: bytes) -> list[dict[str, Any]]:
     return samples
 
 
+def file_sha256(location: str) -> str:
+    """sha256 of a file, streamed (shards can be large)."""
+    fs, path = storage.resolve(location)
+    h = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def write_parquet_atomic(location: str, table: pa.Table) -> None:
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf)
@@ -164,39 +237,58 @@ def read_parquet(location: str) -> pa.Table:
     return pq.read_table(pa.BufferReader(storage.read_bytes(location)))
 
 
-def write_manifest(cache_dir: str, rows: list[dict[str, Any]]) -> None:
+def commit_cache(cache_dir: str, info: CacheInfo, rows: list[dict[str, Any]], errors: list[dict[str, str]]) -> None:
+    """The one writer of a cache's metadata: the errors file (content-named), then the manifest with
+    ``info`` in its metadata, atomically, last: the commit point."""
+    info.errors_file = errors_name(errors)
+    info.errors = len(errors)
+    table = pa.Table.from_pylist(sorted(errors, key=lambda e: e["key"]), schema=ERRORS_SCHEMA)
+    write_parquet_atomic(storage.join(cache_dir, info.errors_file), table)
     rows = sorted(rows, key=lambda r: r["shard"])
-    write_parquet_atomic(storage.join(cache_dir, MANIFEST), pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))
+    schema = MANIFEST_SCHEMA.with_metadata({INFO_KEY: info.to_json().encode()})
+    write_parquet_atomic(storage.join(cache_dir, MANIFEST), pa.Table.from_pylist(rows, schema=schema))
 
 
-def read_manifest(cache_dir: str) -> list[dict[str, Any]]:
+def _manifest_table(cache_dir: str) -> pa.Table:
     path = storage.join(cache_dir, MANIFEST)
     if not storage.exists(path):
         raise CacheError(
             f"{cache_dir} has no {MANIFEST}: the cache is incomplete (a build was interrupted or is running); "
             f"rerun `mimflow tokens build` (it resumes) or `mimflow tokens refresh`"
         )
+    try:
+        return read_parquet(path)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise CacheError(f"{path}: unreadable manifest ({e}); rebuild it with `mimflow tokens refresh`") from None
+
+
+def read_manifest(cache_dir: str) -> list[dict[str, Any]]:
+    return _manifest_table(cache_dir).to_pylist()
+
+
+def read_cache_info(cache_dir: str) -> CacheInfo:
+    """The one reader: the ``CacheInfo`` the committed manifest carries."""
+    table = _manifest_table(cache_dir)
+    where = storage.join(cache_dir, MANIFEST)
+    text = (table.schema.metadata or {}).get(INFO_KEY)
+    if text is None:
+        raise CacheError(f"{where} carries no cache info (made by an older mimflow); rebuild it with `mimflow tokens refresh`")
+    return CacheInfo.from_json(text, where)
+
+
+def read_errors(cache_dir: str, info: CacheInfo) -> list[dict[str, str]]:
+    path = storage.join(cache_dir, info.errors_file)
+    if not storage.exists(path):
+        raise CacheError(f"{cache_dir}: the manifest names {info.errors_file}, which is missing")
     return read_parquet(path).to_pylist()
 
 
-def write_errors(cache_dir: str, errors: list[dict[str, str]]) -> None:
-    table = pa.Table.from_pylist(sorted(errors, key=lambda e: e["key"]), schema=ERRORS_SCHEMA)
-    write_parquet_atomic(storage.join(cache_dir, ERRORS), table)
-
-
-def read_cache_info(cache_dir: str) -> dict[str, Any]:
-    path = storage.join(cache_dir, CACHE_INFO)
-    if not storage.exists(path):
-        raise CacheError(f"{cache_dir} is not a token cache (no {CACHE_INFO})")
-    return json.loads(storage.read_bytes(path))
-
-
-def check_cache(cache_dir: str, expected_tokenizer_id: str | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def check_cache(cache_dir: str, expected_tokenizer_id: str | None = None) -> tuple[CacheInfo, list[dict[str, Any]]]:
     """(cache info, manifest rows) of a complete cache made by the expected tokenizer, else CacheError."""
     info = read_cache_info(cache_dir)
     rows = read_manifest(cache_dir)
     if expected_tokenizer_id is not None:
-        found = {r["tokenizer_id"] for r in rows} | {info.get("tokenizer_id")}
+        found = {r["tokenizer_id"] for r in rows} | {info.tokenizer_id}
         if found != {expected_tokenizer_id}:
             raise CacheError(
                 f"token cache {cache_dir} was made by tokenizer {', '.join(sorted(map(str, found)))} "
@@ -205,6 +297,9 @@ def check_cache(cache_dir: str, expected_tokenizer_id: str | None = None) -> tup
             )
     if not rows:
         raise CacheError(f"token cache {cache_dir} is empty (its manifest lists no shards)")
+    if not storage.exists(storage.join(cache_dir, info.errors_file)):
+        raise CacheError(f"token cache {cache_dir}: its manifest names {info.errors_file}, which is missing; "
+                         f"run `mimflow tokens refresh`")
     return info, rows
 
 
