@@ -217,8 +217,11 @@ def test_all_stages_on_three_nodes_through_a_bucket(cluster, bucket):
     _run(head, "eval", args)
     timings["eval"] = time.perf_counter() - t
     ev = json.loads(storage.read_bytes(f"{bucket}/eval/eval.json"))
-    flat = json.dumps(ev)
-    assert "knn" in flat and "linear" in flat and "acc" in flat, ev
+    res = ev["results"]["pretrained"]
+    for method in ("knn", "linear"):
+        assert 0.0 <= res[method]["top1"] <= 1.0, res
+    assert ev["data"]["n_train"] == N_TRAIN and ev["data"]["n_test"] == N_TEST
+    assert ev["encoder"]["source_checkpoint"] == f"{run}/checkpoint_00000004"
     print("timings", {k: round(v) for k, v in timings.items()})
 
 
