@@ -119,8 +119,9 @@ def extract_features(
                 rec = worker.run(p, jobs[p.index])
                 progress.update(rec["images"], p.size)
         else:
-            (ray or LazyRay()).ensure()
-            stats = _run_actors(args, todo_parts, jobs, workers, progress, log)
+            with contextlib.ExitStack() as stack:  # a Ray started here for this call stops with it
+                (ray or stack.enter_context(LazyRay())).ensure()
+                stats = _run_actors(args, todo_parts, jobs, workers, progress, log)
         progress.finish()
         if open_labelled(spec).fingerprint() != fingerprint:  # finished parts are kept for the rerun
             raise EvalError(f"source {spec!r} changed during feature extraction; rerun to extract it again")
