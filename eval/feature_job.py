@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from eval.eval_config import EvalError
-from eval.feature_worker import PARTS_DIR, FeatureWorker, part_name, read_part
+from eval.feature_worker import PARTS_DIR, EncoderRef, FeatureWorker, part_name, read_part
 from eval.features import (
     CACHE_FORMAT,
     Encoder,
@@ -110,10 +110,8 @@ def extract_features(
     if todo_parts:
         progress = Progress("eval: features", len(parts), sum(p.size for p in todo_parts),
                             done=len(parts) - len(todo_parts), every=progress_every)
-        missing = [enc for enc in encoders if enc.name in entries]
-        args = (spec, missing, pooling, layer, batch_size)
         if workers == 0:
-            worker = FeatureWorker(*args)
+            worker = FeatureWorker(spec, encoders, pooling, layer, batch_size)  # the encoders as they are
             progress.restart_clock()
             for p in todo_parts:
                 rec = worker.run(p, jobs[p.index])
@@ -121,7 +119,8 @@ def extract_features(
         else:
             with contextlib.ExitStack() as stack:  # a Ray started here for this call stops with it
                 (ray or stack.enter_context(LazyRay())).ensure()
-                stats = _run_actors(args, todo_parts, jobs, workers, progress, log)
+                args = (spec, [EncoderRef.of(enc) for enc in encoders], pooling, layer, batch_size)
+            stats = _run_actors(args, todo_parts, jobs, workers, progress, log)
         progress.finish()
         if open_labelled(spec).fingerprint() != fingerprint:  # finished parts are kept for the rerun
             raise EvalError(f"source {spec!r} changed during feature extraction; rerun to extract it again")
@@ -154,9 +153,8 @@ def _run_actors(args: tuple, todo: list, jobs: dict[int, dict[str, str]], worker
         threads = max(1, int(cpus // n))
         opts["num_cpus"] = threads
     t0 = time.perf_counter()
-    encoders_ref = ray.put(args[1])  # the weights go through the object store once, not once per actor
     Worker = ray.remote(FeatureWorker).options(**opts)
-    actors = [Worker.remote(args[0], encoders_ref, *args[2:], threads=threads) for _ in range(n)]
+    actors = [Worker.remote(*args, threads=threads) for _ in range(n)]
     ray.get([a.ready.remote() for a in actors])
     startup = time.perf_counter() - t0
     log(f"{len(todo)} partitions on {n} actor(s) "

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from test_eval import write_encoder, write_png_folder
 
@@ -224,3 +225,27 @@ def test_source_bigger_than_the_driver_memory_completes_through_ray(tmp_path, ti
         assert doc["results"][name]["knn"]["top1"] == 1.0  # two flat shades: trivially separable
         assert doc["results"][name]["knn"]["index"] == "flat"
     assert "DIRECT MemoryError" in r.stdout, out[-4000:]
+
+
+def test_stream_gives_every_rank_the_same_batch_count():
+    """Uneven partitions (16, 16, 8) over two ranks: each yields ceil(40 / (2 x 5)) = 4 batches of 5;
+    rank 1 (one partition of 16) cycles; every image is one of the source's centre views."""
+    import eval.features as F
+    from eval.stream import LabelledStream
+
+    spec = "shapes?n=40&size=32&partition_size=16"
+    whole = F.load_labelled_images(spec, 32)
+    known = {whole.pixels[i].tobytes(): int(whole.labels[i]) for i in range(len(whole))}
+    per_rank = []
+    for rank in (0, 1):
+        batches = list(LabelledStream(spec, 32, batch_size=5, rank=rank, world_size=2))
+        assert [tuple(b["image"].shape) for b in batches] == [(5, 3, 32, 32)] * 4
+        pixels = [p.numpy().tobytes() for b in batches for p in b["image"]]
+        labels = [int(y) for b in batches for y in b["label"]]
+        assert [known[p] for p in pixels] == labels
+        per_rank.append(pixels)
+    assert set(per_rank[1][:16]) == {whole.pixels[i].tobytes() for i in range(16, 32)}  # partition 1
+    assert per_rank[1][16:] == per_rank[1][:4]  # cycled, in the same order within the epoch
+    assert not set(per_rank[0]) & set(per_rank[1][:16])
+    aug = next(iter(LabelledStream(spec, 32, batch_size=5, augment=True, seed=1)))
+    assert aug["image"].dtype == torch.uint8 and not any(p.numpy().tobytes() in known for p in aug["image"])
