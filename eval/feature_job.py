@@ -32,10 +32,10 @@ from eval.features import (
     CACHE_FORMAT,
     Encoder,
     FeatureSet,
-    _read_entry,
-    _write_entry,
     cache_entry,
     open_labelled,
+    read_entry,
+    write_entry,
 )
 from pipeline import storage
 from pipeline.progress import Progress
@@ -85,7 +85,7 @@ def extract_features(
     entries: dict[str, str] = {}
     for enc in encoders:
         entry = cache_entry(cache_dir, enc, spec, fingerprint, pooling, layer)
-        hit = _read_entry(entry)
+        hit = read_entry(entry)
         if hit is not None:
             out[enc.name] = hit
         else:
@@ -219,7 +219,7 @@ def _commit(enc: Encoder, entry: str, spec: str, fingerprint: str, pooling: str,
         "skipped": len(skipped),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    _write_entry(entry, fs, meta)
+    write_entry(entry, fs, meta)
     for path in paths:  # the entry holds them now; a kill here leaves a complete entry and some parts
         storage.remove(path)
     storage.remove(storage.join(entry, PARTS_DIR))

@@ -304,7 +304,7 @@ def cache_entry(cache_dir: str, encoder: Encoder, spec: str, fingerprint: str, p
     return storage.join(cache_dir, encoder.encoder_id, f"{source_id}-{pooling}-{'last' if layer is None else layer}")
 
 
-def _write_entry(entry: str, fs: FeatureSet, meta: dict[str, Any]) -> None:
+def write_entry(entry: str, fs: FeatureSet, meta: dict[str, Any]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -318,7 +318,7 @@ def _write_entry(entry: str, fs: FeatureSet, meta: dict[str, Any]) -> None:
     storage.write_bytes_atomic(storage.join(entry, "meta.json"), json.dumps(meta, indent=1).encode())
 
 
-def _read_entry(entry: str) -> FeatureSet | None:
+def read_entry(entry: str) -> FeatureSet | None:
     import pyarrow.parquet as pq
 
     meta_path = storage.join(entry, "meta.json")
