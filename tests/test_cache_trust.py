@@ -190,7 +190,7 @@ def test_tokens_verify_exits_zero_every_time(ray_local, tok, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     codes = []
     for _ in range(10):
-        proc = subprocess.run([sys.executable, "-m", "pipeline", "tokens", "verify", cache_dir], cwd=REPO, env=env,
+        proc = subprocess.run([sys.executable, "-m", "mimflow", "tokens", "verify", cache_dir], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=300)
         codes.append((proc.returncode, proc.stderr.strip()[-200:]))
         assert proc.stdout.startswith("OK"), proc.stdout + proc.stderr
