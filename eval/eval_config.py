@@ -59,8 +59,14 @@ class EvalConfig:
     pooling: Literal["cls", "mean"] = "mean"
     layer: int | None = None  # block index for features (negative from the end); None: last, normed
     batch_size: Annotated[int, Range(ge=1)] = 128  # feature extraction
+    feature_workers: Annotated[int | None, Range(ge=0)] = None  # Ray actors over source partitions (None: one per CPU, or per GPU); 0: in this process
+    progress_every: Annotated[int, Range(ge=1)] = 10  # a progress line (rate, ETA) every this many partitions
     k: Annotated[int, Range(ge=1)] = 20
     temperature: Annotated[float, Range(gt=0)] = 0.07
+    knn_index: Literal["auto", "flat", "ivf"] = "auto"  # auto: flat while the train features fit knn_memory_mb
+    knn_memory_mb: Annotated[float, Range(gt=0)] = 4096.0  # budget for an exact (flat, float32) index of the train features
+    knn_nlist: Annotated[int | None, Range(ge=1)] = None  # IVF lists (None: about 4 sqrt(N))
+    knn_nprobe: Annotated[int, Range(ge=1)] = 32  # IVF lists searched per query
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     baseline: Literal["random", "none"] = "none"

@@ -16,7 +16,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from eval.eval_config import METHODS, EvalConfig, EvalError
 from eval.splits import class_mapping, resolve_split
@@ -52,13 +52,13 @@ def _delta(results: dict[str, dict]) -> dict[str, dict[str, float]]:
 
 
 def inputs_fingerprint(cfg: EvalConfig, encoder_id: str) -> str:
-    """Changes when anything the figures depend on changes: the config (bar output paths), the
-    encoder's weights and config, or the data sources' listings."""
+    """Changes when anything the figures depend on changes: the config (bar output paths and how the
+    work is spread), the encoder's weights and config, or the data sources' listings."""
     from pipeline.sources import open_source
 
     h = hashlib.sha256(f"eval:v{RESULT_VERSION}:{encoder_id}".encode())
     conf = to_dict(cfg)
-    for k in ("out", "feature_cache", "encoder"):
+    for k in ("out", "feature_cache", "encoder", "feature_workers", "progress_every"):
         conf.pop(k, None)
     h.update(json.dumps(conf, sort_keys=True).encode())
     for spec in (cfg.train_source, cfg.test_source):
@@ -69,13 +69,8 @@ def inputs_fingerprint(cfg: EvalConfig, encoder_id: str) -> str:
 
 def run_eval(cfg: EvalConfig, address: str | None = None, *, num_cpus: int | None = None, verbose: bool = True) -> dict:
     """Evaluate ``cfg.encoder`` (and the random baseline); write and return the ``eval.json`` document."""
-    from eval.features import (
-        LabelledImages,
-        extract_features,
-        load_encoder,
-        load_labelled_images,
-        random_encoder,
-    )
+    from eval.feature_job import LazyRay, extract_features
+    from eval.features import LabelledImages, load_encoder, load_labelled_images, random_encoder
 
     t_start = time.perf_counter()
     if not cfg.encoder:
@@ -92,7 +87,7 @@ def run_eval(cfg: EvalConfig, address: str | None = None, *, num_cpus: int | Non
     plan = resolve_split(cfg.train_source, cfg.test_source, cfg.test_fraction)
     _log(f"train {plan.train!r}, test {plan.test!r} (split: {plan.mode})", verbose)
 
-    # One decode per (source, size), shared by every encoder and method, and only on a cache miss.
+    # Fine-tuning's in-memory images: one decode per (source, size), only when fine-tuning.
     decoded: dict[tuple[str, int], LabelledImages] = {}
 
     def images(spec: str, size: int) -> LabelledImages:
@@ -103,9 +98,6 @@ def run_eval(cfg: EvalConfig, address: str | None = None, *, num_cpus: int | Non
             _log(f"decoded {len(imgs)} images of {spec!r} in {time.perf_counter() - t0:.1f}s"
                  + (f"; {len(imgs.skipped)} skipped (bad or unlabelled)" if imgs.skipped else ""), verbose)
         return decoded[(spec, size)]
-
-    def loader(spec: str, size: int) -> Callable[[], LabelledImages]:
-        return lambda: images(spec, size)
 
     def split_pair(get_train, get_test, subset):
         """(train, test) from the plan: two sources, or one source cut by key hash."""
@@ -119,56 +111,60 @@ def run_eval(cfg: EvalConfig, address: str | None = None, *, num_cpus: int | Non
     data_info: dict[str, Any] = {}
     feature_info: dict[str, Any] = {}
     feature_methods = [m for m in cfg.methods if m in ("knn", "linear")]
-    for enc in encoders:
-        if not feature_methods:
-            break
-        size = enc.img_size
+    with LazyRay(address, num_cpus) as ray_ctx:
+        # Every encoder's features of a source in one pass over its partitions (Ray actors), cached.
+        features: dict[str, dict] = {}
 
-        def feats(spec: str, enc=enc, size=size):
-            fs = extract_features(
-                enc, spec, pooling=cfg.pooling, layer=cfg.layer, batch_size=cfg.batch_size,
-                cache_dir=cache, images=loader(spec, size),
+        def feats(spec: str) -> dict:
+            if spec not in features:
+                features[spec] = extract_features(
+                    encoders, spec, cache_dir=cache, pooling=cfg.pooling, layer=cfg.layer,
+                    batch_size=cfg.batch_size, workers=cfg.feature_workers, ray=ray_ctx,
+                    progress_every=cfg.progress_every, log=lambda msg: _log(msg, verbose),
+                )
+                for name, fs in features[spec].items():
+                    _log(f"{name} features of {spec!r}: {fs.features.shape} "
+                         + ("from cache" if fs.cached else f"computed in {fs.seconds:.1f}s"), verbose)
+            return features[spec]
+
+        for enc in encoders if feature_methods else []:
+            train_fs, test_fs = split_pair(
+                lambda: feats(plan.train)[enc.name], lambda: feats(plan.test)[enc.name],
+                lambda fs, mask: fs.subset(mask),
             )
-            _log(f"{enc.name} features of {spec!r}: {fs.features.shape} "
-                 + ("from cache" if fs.cached else f"computed in {fs.seconds:.1f}s"), verbose)
-            return fs
+            feature_info[enc.name] = {
+                part: {"cached": fs.cached, "path": fs.path, "seconds": round(fs.seconds, 3)}
+                for part, fs in (("train", train_fs), ("test", test_fs))
+            }
+            mapping = class_mapping(train_fs.classes, test_fs.classes, plan.test)
+            test_labels = mapping[test_fs.labels] if mapping is not None else test_fs.labels
+            num_classes = len(train_fs.classes)
+            data_info = {
+                "n_train": len(train_fs.keys),
+                "n_test": len(test_fs.keys),
+                "num_classes": num_classes,
+                "classes": list(train_fs.classes),
+                "skipped": {"train": train_fs.skipped, "test": test_fs.skipped if plan.mode != "hash" else 0},
+            }
+            if "knn" in cfg.methods:
+                t0 = time.perf_counter()
+                r = knn_eval_fs(train_fs, test_fs, test_labels, num_classes, cfg)
+                r["seconds"] = time.perf_counter() - t0
+                results[enc.name]["knn"] = r
+                _log(f"{enc.name} kNN top-1 {r['top1']:.1%} top-5 {r['top5']:.1%} ({r['index']} index)", verbose)
+            if "linear" in cfg.methods:
+                from eval.linear_probe import linear_probe
 
-        train_fs, test_fs = split_pair(
-            lambda: feats(plan.train), lambda: feats(plan.test), lambda fs, mask: fs.subset(mask)
-        )
-        feature_info[enc.name] = {
-            part: {"cached": fs.cached, "path": fs.path, "seconds": round(fs.seconds, 3)}
-            for part, fs in (("train", train_fs), ("test", test_fs))
-        }
-        mapping = class_mapping(train_fs.classes, test_fs.classes, plan.test)
-        test_labels = mapping[test_fs.labels] if mapping is not None else test_fs.labels
-        num_classes = len(train_fs.classes)
-        data_info = {
-            "n_train": len(train_fs.keys),
-            "n_test": len(test_fs.keys),
-            "num_classes": num_classes,
-            "classes": list(train_fs.classes),
-            "skipped": {"train": train_fs.skipped, "test": test_fs.skipped if plan.mode != "hash" else 0},
-        }
-        if "knn" in cfg.methods:
-            t0 = time.perf_counter()
-            r = knn_eval_fs(train_fs, test_fs, test_labels, num_classes, cfg)
-            r["seconds"] = time.perf_counter() - t0
-            results[enc.name]["knn"] = r
-            _log(f"{enc.name} kNN top-1 {r['top1']:.1%} top-5 {r['top5']:.1%}", verbose)
-        if "linear" in cfg.methods:
-            from eval.linear_probe import linear_probe
-
-            t0 = time.perf_counter()
-            r = linear_probe(
-                train_fs.features, train_fs.labels, test_fs.features, test_labels, num_classes=num_classes,
-                optimizer=cfg.probe.optimizer, epochs=cfg.probe.epochs, lr=cfg.probe.lr,
-                weight_decays=cfg.probe.weight_decays, val_fraction=cfg.probe.val_fraction,
-                batch_size=cfg.probe.batch_size, seed=cfg.seed,
-            )
-            r["seconds"] = time.perf_counter() - t0
-            results[enc.name]["linear"] = r
-            _log(f"{enc.name} linear probe top-1 {r['top1']:.1%} (weight decay {r['weight_decay']:g})", verbose)
+                t0 = time.perf_counter()
+                r = linear_probe(
+                    train_fs.features, train_fs.labels, test_fs.features, test_labels, num_classes=num_classes,
+                    optimizer=cfg.probe.optimizer, epochs=cfg.probe.epochs, lr=cfg.probe.lr,
+                    weight_decays=cfg.probe.weight_decays, val_fraction=cfg.probe.val_fraction,
+                    batch_size=cfg.probe.batch_size, seed=cfg.seed,
+                )
+                r["seconds"] = time.perf_counter() - t0
+                results[enc.name]["linear"] = r
+                _log(f"{enc.name} linear probe top-1 {r['top1']:.1%} (weight decay {r['weight_decay']:g})", verbose)
 
     if "finetune" in cfg.methods:
         from eval.finetune import finetune
@@ -238,6 +234,7 @@ def knn_eval_fs(train_fs, test_fs, test_labels, num_classes: int, cfg: EvalConfi
     return knn_eval(
         train_fs.features, train_fs.labels, test_fs.features, test_labels,
         num_classes=num_classes, k=cfg.k, temperature=cfg.temperature,
+        index=cfg.knn_index, memory_mb=cfg.knn_memory_mb, nlist=cfg.knn_nlist, nprobe=cfg.knn_nprobe,
     )
 
 

@@ -12,7 +12,9 @@ views saw. Features are one vector per image:
 
 The cache is keyed by (encoder id, source spec + fingerprint, pooling, layer): a directory holding
 ``features.npy`` (float32 ``[N, D]``), ``index.parquet`` (key, label) and ``meta.json``, which is
-written last, so a directory without it is incomplete and recomputed. Local paths or URIs.
+written last, so a directory without it is incomplete and recomputed. Local paths or URIs. The
+entries are written by ``eval.feature_job`` (Ray actors over source partitions, per-partition parts
+while in progress).
 """
 
 from __future__ import annotations
@@ -20,10 +22,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -156,18 +157,21 @@ def open_labelled(spec: str):
     return source
 
 
-def load_labelled_images(spec: str, size: int) -> LabelledImages:
-    """Decode every sample's centre view at ``size``. Bad or unlabelled items are listed, not dropped silently."""
+def decode_partition(source, part, size: int) -> LabelledImages:
+    """Centre views at ``size`` of one partition's labelled samples (``source.iter_partition``).
+
+    The one decoder of evaluation images: feature workers call it per partition, and
+    ``load_labelled_images`` over every partition. Bad or unlabelled items are listed, not dropped silently.
+    """
     from pipeline.images import BadImageError, decode_rgb
     from pipeline.sources import BadInput
     from pipeline.views import centre_view, render_view
 
-    source = open_labelled(spec)
     pixels: list[np.ndarray] = []
     labels: list[int] = []
     keys: list[str] = []
     skipped: list[dict[str, str]] = []
-    for item in source:
+    for item in source.iter_partition(part):
         if isinstance(item, BadInput):
             skipped.append({"key": item.key, "origin": item.origin, "reason": item.reason})
             continue
@@ -183,16 +187,44 @@ def load_labelled_images(spec: str, size: int) -> LabelledImages:
         pixels.append(np.asarray(view, dtype=np.uint8).transpose(2, 0, 1))
         labels.append(int(item.label))
         keys.append(item.key)
-    if not keys:
-        raise EvalError(f"source {spec!r} has no readable labelled images ({len(skipped)} skipped)")
     return LabelledImages(
-        spec,
-        np.stack(pixels),
+        source.spec,
+        np.stack(pixels) if pixels else np.zeros((0, 3, size, size), np.uint8),
         np.asarray(labels, dtype=np.int64),
         keys,
         list(source.classes or []),
         skipped,
     )
+
+
+def load_labelled_images(spec: str, size: int) -> LabelledImages:
+    """Every labelled sample's centre view at ``size``, in memory (fine-tuning's input; small sources).
+
+    kNN and the linear probe never call this: their features are computed partition by partition
+    (``eval.feature_job``), so the driver holds no images.
+    """
+    source = open_labelled(spec)
+    parts = [decode_partition(source, part, size) for part in source.partitions()]
+    keys = [k for p in parts for k in p.keys]
+    skipped = [s for p in parts for s in p.skipped]
+    if not keys:
+        raise EvalError(f"source {spec!r} has no readable labelled images ({len(skipped)} skipped)")
+    order = listing_order(source, keys)
+    return LabelledImages(
+        spec,
+        np.concatenate([p.pixels for p in parts])[order],
+        np.concatenate([p.labels for p in parts])[order],
+        [keys[i] for i in order],
+        list(source.classes or []),
+        skipped,
+    )
+
+
+def listing_order(source, keys: list[str]) -> np.ndarray:
+    """The permutation that puts items gathered partition by partition (partitions group items by a
+    hash of their key) back in the source's listing order."""
+    position = {key: i for i, key in enumerate(source.keys())}
+    return np.argsort([position[k] for k in keys], kind="stable")
 
 
 def normalise(pixels: np.ndarray | torch.Tensor, mean, std) -> torch.Tensor:
@@ -216,12 +248,13 @@ class FeatureSet:
     path: str  # the cache entry
     seconds: float = 0.0
     skipped: int = 0
+    stats: dict[str, float] = field(default_factory=dict)  # extraction: actors, start-up and extract seconds
 
     def subset(self, mask: np.ndarray) -> "FeatureSet":
         idx = np.flatnonzero(mask)
         return FeatureSet(
             self.features[idx], self.labels[idx], [self.keys[i] for i in idx], self.classes,
-            self.cached, self.path, self.seconds, self.skipped,
+            self.cached, self.path, self.seconds, self.skipped, self.stats,
         )
 
 
@@ -279,7 +312,7 @@ def cache_entry(cache_dir: str, encoder: Encoder, spec: str, fingerprint: str, p
     return storage.join(cache_dir, encoder.encoder_id, f"{source_id}-{pooling}-{'last' if layer is None else layer}")
 
 
-def _write_entry(entry: str, fs: FeatureSet, meta: dict[str, Any]) -> None:
+def write_entry(entry: str, fs: FeatureSet, meta: dict[str, Any]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -293,7 +326,7 @@ def _write_entry(entry: str, fs: FeatureSet, meta: dict[str, Any]) -> None:
     storage.write_bytes_atomic(storage.join(entry, "meta.json"), json.dumps(meta, indent=1).encode())
 
 
-def _read_entry(entry: str) -> FeatureSet | None:
+def read_entry(entry: str) -> FeatureSet | None:
     import pyarrow.parquet as pq
 
     meta_path = storage.join(entry, "meta.json")
@@ -309,56 +342,3 @@ def _read_entry(entry: str) -> FeatureSet | None:
     if len(keys) != len(features):
         return None
     return FeatureSet(features, labels, keys, meta["classes"], True, entry, 0.0, int(meta.get("skipped", 0)))
-
-
-def extract_features(
-    encoder: Encoder,
-    spec: str,
-    *,
-    pooling: str = "mean",
-    layer: int | None = None,
-    batch_size: int = 128,
-    cache_dir: str | None = None,
-    images: Callable[[], LabelledImages] | LabelledImages | None = None,
-) -> FeatureSet:
-    """Features of every labelled image of ``spec``, from the cache when present.
-
-    ``images`` supplies the decoded images on a cache miss (a ``LabelledImages`` or a callable
-    returning one, so that callers can share one decode between encoders); by default the source is
-    read here.
-    """
-    fingerprint = open_labelled(spec).fingerprint()
-    entry = cache_entry(cache_dir, encoder, spec, fingerprint, pooling, layer) if cache_dir else ""
-    if entry:
-        hit = _read_entry(entry)
-        if hit is not None:
-            return hit
-    t0 = time.perf_counter()
-    if images is None:
-        imgs = load_labelled_images(spec, encoder.img_size)
-    else:
-        imgs = images() if callable(images) else images
-    if imgs.pixels.shape[-1] != encoder.img_size:
-        raise EvalError(f"images of {spec!r} are {imgs.pixels.shape[-1]}px, the encoder takes {encoder.img_size}px")
-    feats = compute_features(encoder, imgs.pixels, pooling=pooling, layer=layer, batch_size=batch_size)
-    fs = FeatureSet(
-        feats, imgs.labels, list(imgs.keys), list(imgs.classes), False, entry,
-        time.perf_counter() - t0, len(imgs.skipped),
-    )
-    if entry:
-        meta = {
-            "format": CACHE_FORMAT,
-            "encoder_id": encoder.encoder_id,
-            "encoder": encoder.location,
-            "source": spec,
-            "source_fingerprint": fingerprint,
-            "pooling": pooling,
-            "layer": layer,
-            "count": len(fs.keys),
-            "dim": int(feats.shape[1]),
-            "classes": fs.classes,
-            "skipped": len(imgs.skipped),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        _write_entry(entry, fs, meta)
-    return fs

@@ -9,6 +9,7 @@ the stage warns and waits a bounded time.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -17,6 +18,7 @@ from pipeline import storage
 from pipeline.errors import ConfigError, StageError
 
 WAIT_FOR_NODES_S = 600.0
+SHARED_FS_ENV = "MIMFLOW_SHARED_FS"
 
 
 @dataclass(frozen=True)
@@ -81,16 +83,19 @@ def check_request(req: WorkerRequest, *, can_grow: bool, log: Callable[[str], No
     raise StageError(f"{problem} (waited {wait_s:.0f} s; nothing was added)")
 
 
-def check_shared_paths(locations: Iterable[tuple[str, str | None]], *, shared_fs: bool) -> None:
+def check_shared_paths(locations: Iterable[tuple[str, str | None]], *, shared_fs: bool | None = None) -> None:
     """On a cluster of more than one node, refuse local paths unless they are declared shared.
 
     ``locations``: (config field, path or URI) pairs. A local path on several nodes means each node
     reads and writes its own disk: a cache whose shards are split over the machines, checkpoints a
-    restarted worker cannot find.
+    restarted worker cannot find. ``shared_fs`` defaults to ``MIMFLOW_SHARED_FS=1`` in the environment
+    (a fact about the cluster, like ``RAY_ADDRESS``).
     """
+    if shared_fs is None:
+        shared_fs = os.environ.get(SHARED_FS_ENV, "") not in ("", "0")
     local = [(name, loc) for name, loc in locations if loc and not storage.is_uri(loc)]
     if shared_fs or not local or len(alive_nodes()) <= 1:
         return
     named = ", ".join(f"{name}={loc}" for name, loc in local)
     raise ConfigError(f"{named}: a local path on a cluster of {len(alive_nodes())} nodes; use an s3:// or gs:// "
-                      "URI, or pass --shared-fs if every node mounts this path (NFS, ...)")
+                      f"URI, or set {SHARED_FS_ENV}=1 if every node mounts this path (NFS, ...)")

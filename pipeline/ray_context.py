@@ -153,3 +153,8 @@ def cluster_has_gpu() -> bool:
     import ray
 
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def started_here() -> bool:
+    """Whether this process started the session's Ray (nothing will add nodes to it)."""
+    return _started_here

@@ -17,7 +17,7 @@ from typing import Iterator
 
 from pipeline import storage
 from pipeline.images import IMAGE_EXTENSIONS
-from pipeline.sources import BadInput, Item, Sample, Source, SourceError, is_hidden, make_key
+from pipeline.source_base import BadInput, Item, Sample, Source, SourceError, is_hidden, make_key
 
 
 @dataclass(frozen=True)

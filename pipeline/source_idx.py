@@ -11,7 +11,7 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.images import encode_png
-from pipeline.sources import Item, Sample, Source, SourceError
+from pipeline.source_base import Item, Sample, Source, SourceError
 
 
 class IdxSource(Source):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from pipeline.images import encode_png
-from pipeline.sources import Item, Sample, Source
+from pipeline.source_base import Item, Sample, Source
 
 
 class ShapesSource(Source):

@@ -11,7 +11,7 @@ from typing import Iterator
 
 from pipeline import storage
 from pipeline.images import IMAGE_EXTENSIONS
-from pipeline.sources import BadInput, Item, Partition, Sample, Source, SourceError, is_hidden, make_key, parse_label
+from pipeline.source_base import BadInput, Item, Partition, Sample, Source, SourceError, is_hidden, make_key, parse_label
 
 # WebDataset's grouping rule: the key is the member name up to the first dot of its last component.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")

@@ -16,7 +16,9 @@ from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, Result, R
                        TrainingFailedError)
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from pipeline.cluster_fit import WorkerRequest, check_request, check_shared_paths
 from pipeline.errors import StageError
+from pipeline.ray_context import started_here
 
 DEFAULT_MAX_FAILURES = 3  # a killed worker (OOM, a lost node) restarts from the newest checkpoint
 
@@ -47,6 +49,11 @@ def fit(loop: Callable[[Any], Any], config: Any, spec: FitSpec) -> Result:
     resources: dict[str, float] | None = None
     if spec.workers:
         resources = {"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})}
+        # Ray Train would wait for an infeasible request forever, and on several nodes each worker
+        # would checkpoint to its own disk: say so before asking.
+        check_request(WorkerRequest(spec.workers, spec.cpus_per_worker, 1.0 if spec.use_gpu else 0.0,
+                                    f"{spec.what} workers"), can_grow=not started_here())
+        check_shared_paths([("storage", spec.storage_path)])
     trainer = TorchTrainer(
         _run_worker,
         train_loop_config={"loop": loop, "config": config},

@@ -19,17 +19,13 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
 def pretrain_command(args: argparse.Namespace) -> int:
     from pipeline.command import print_config
     from pipeline.config import load_config
-    from pipeline.token_cache import CacheError
     from pretrain.config import PretrainConfig
     from pretrain.train import run_pretrain
 
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     if print_config(args, cfg):
         return 0
-    try:
-        result = run_pretrain(cfg, address=args.address, num_cpus=args.num_cpus)
-    except CacheError as e:
-        raise StageError(str(e)) from None
+    result = run_pretrain(cfg, address=args.address, num_cpus=args.num_cpus)
     print(json.dumps({"checkpoint": result.checkpoint_dir, "encoder": result.encoder_dir,
                       "metrics": result.metrics}), flush=True)
     return 0

@@ -67,7 +67,7 @@ def test_refresh_a_b_c_a_commits_the_shard_it_lists(ray_local, tok, tmp_path):
     image.write_bytes(original)  # back to A
     refresh(tok, str(out), num_actors=1)
     _consistent(cache_dir)
-    assert {s.key: s.image for s in read_cache(cache_dir)}["im05"] == original
+    assert {s.key.rsplit("-", 1)[0]: s.image for s in read_cache(cache_dir)}["im05"] == original  # key: prefix-hash
 
 
 def test_inserting_one_image_rebuilds_one_partition(ray_local, tok, tmp_path):
@@ -190,7 +190,7 @@ def test_tokens_verify_exits_zero_every_time(ray_local, tok, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     codes = []
     for _ in range(10):
-        proc = subprocess.run([sys.executable, "-m", "pipeline", "tokens", "verify", cache_dir], cwd=REPO, env=env,
+        proc = subprocess.run([sys.executable, "-m", "mimflow", "tokens", "verify", cache_dir], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=300)
         codes.append((proc.returncode, proc.stderr.strip()[-200:]))
         assert proc.stdout.startswith("OK"), proc.stdout + proc.stderr

@@ -208,28 +208,32 @@ def test_splits_from_the_source_or_by_hash(tmp_path):
 
 
 def test_features_cached_and_reused(tmp_path, tiny_encoder, monkeypatch):
+    import eval.feature_job as J
     import eval.features as F
+    import eval.feature_worker as W
 
     enc = F.load_encoder(tiny_encoder)
-    spec = "shapes?n=12&size=32&seed=3"
-    first = F.extract_features(enc, spec, pooling="cls", cache_dir=str(tmp_path / "cache"))
+    spec = "shapes?n=12&size=32&seed=3&partition_size=5"
+    cache = str(tmp_path / "cache")
+    first = J.extract_features([enc], spec, pooling="cls", cache_dir=cache, workers=0)["pretrained"]
     assert not first.cached and first.features.shape == (12, 32) and first.features.dtype == np.float32
     files = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file()}
-    assert {p.name for p in files} == {"features.npy", "index.parquet", "meta.json"}
+    assert {p.name for p in files} == {"features.npy", "index.parquet", "meta.json"}  # the parts are gone
 
     def boom(*a, **k):
         raise AssertionError("features recomputed despite a cache entry")
 
-    monkeypatch.setattr(F, "compute_features", boom)
-    monkeypatch.setattr(F, "load_labelled_images", boom)
-    again = F.extract_features(F.load_encoder(tiny_encoder), spec, pooling="cls", cache_dir=str(tmp_path / "cache"))
+    monkeypatch.setattr(W, "compute_features", boom)
+    monkeypatch.setattr(W, "decode_partition", boom)
+    again = J.extract_features([F.load_encoder(tiny_encoder)], spec, pooling="cls", cache_dir=cache, workers=0)
+    again = again["pretrained"]
     assert again.cached
     np.testing.assert_array_equal(again.features, first.features)
     assert again.keys == first.keys and np.array_equal(again.labels, first.labels)
     assert {p: p.stat().st_mtime_ns for p in files} == files  # nothing rewritten
     # another pooling, layer or encoder is another entry
     monkeypatch.undo()
-    other = F.extract_features(enc, spec, pooling="mean", layer=0, cache_dir=str(tmp_path / "cache"))
+    other = J.extract_features([enc], spec, pooling="mean", layer=0, cache_dir=cache, workers=0)["pretrained"]
     assert not other.cached
     rand = F.random_encoder(enc, seed=0)
     assert rand.encoder_id != enc.encoder_id
@@ -254,7 +258,7 @@ def test_feature_poolings_and_layers(tiny_encoder):
 # ------------------------------------------------------------------------------------------ run_eval
 
 
-def test_run_eval_writes_results_and_table(tmp_path, tiny_encoder):
+def test_run_eval_writes_results_and_table(tmp_path, tiny_encoder, ray_local):
     from eval.eval_config import EvalConfig, ProbeConfig
     from eval.evaluate import format_table, run_eval
 

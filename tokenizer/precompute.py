@@ -27,6 +27,7 @@ Ray actors does the work:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
@@ -36,7 +37,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pipeline import storage
-from pipeline.cluster_fit import alive_nodes
+from pipeline.cluster_fit import alive_nodes, check_shared_paths
+from pipeline.sources import parse_spec
 from pipeline.token_cache import (
     CACHE_FORMAT,
     MANIFEST,
@@ -278,6 +280,9 @@ def build_cache(
         )
         progress = Progress(len(parts), len(done), sum(p.size for p in todo), every=progress_every)
         with ray_session(address, num_cpus):
+            # on several nodes, a local path is each node's own disk: the shards would be split over them
+            check_shared_paths([("--out", out_root), ("--tokenizer", tokenizer_dir),
+                                ("--source", parse_spec(source_spec)[1] if source.kind != "shapes" else None)])
             results = _run_pool(params, todo, num_actors, progress)
         progress.maybe_print(force=True)
         report.startup_s = progress.startup_s
@@ -292,6 +297,8 @@ def build_cache(
             report.images += rec.get("images", 0)
             done[i] = rec
     new_info, rows, errors = _plan_commit(tok, source, params, parts, done, report)
+    encoded = {rec["shard"] for rec in results.values() if not rec.get("reused")} if todo else set()
+    _check_shards_in_store(cache_dir, rows, fresh=encoded)
     if (
         info is not None
         and _same_commit(info, committed, new_info, rows)
@@ -309,6 +316,27 @@ def build_cache(
     remove_temporaries(cache_dir)  # leftovers of an earlier run killed mid-write; ours are all renamed by now
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _check_shards_in_store(cache_dir: str, rows: list[dict[str, Any]], fresh: set[str]) -> None:
+    """Before the commit: every listed shard is in the store with its recorded size; the ones written in
+    this run also with their recorded sha256 (read back: what the workers wrote is what readers get)."""
+    problems = []
+    for row in rows:
+        location = storage.join(cache_dir, row["shard"])
+        try:
+            size, _ = storage.stat(location)
+        except FileNotFoundError:
+            problems.append(f"{row['shard']} is missing")
+            continue
+        if size != row["bytes"]:
+            problems.append(f"{row['shard']} has {size} bytes, the worker wrote {row['bytes']}")
+        elif row["shard"] in fresh and hashlib.sha256(storage.read_bytes(location)).hexdigest() != row["sha256"]:
+            problems.append(f"{row['shard']} does not have the sha256 the worker wrote")
+    if problems:
+        raise CacheError(f"not committing {cache_dir}: {'; '.join(problems[:5])}"
+                         + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+                         + "; on a cluster of several nodes, --out must be storage every node shares (a URI)")
 
 
 def _same_commit(info: CacheInfo, committed: list[dict], new: CacheInfo, rows: list[dict]) -> bool:

@@ -7,26 +7,21 @@ import argparse
 
 def cmd_report(args: argparse.Namespace) -> int:
     from eval.codebook.report import codebook_report
-    from pipeline.errors import StageError
-    from pipeline.token_cache import CacheError
 
-    try:
-        codebook_report(
-            args.tokens,
-            args.out,
-            tokenizer_dir=args.tokenizer,
-            source=args.source,
-            compare=args.compare,
-            sample=args.sample,
-            address=args.address,
-            num_cpus=args.num_cpus,
-            duplicate_threshold=args.threshold,
-            clusters=args.clusters,
-            mosaic_codes=args.mosaic_codes,
-            quiet=args.quiet,
-        )
-    except CacheError as e:
-        raise StageError(str(e)) from None
+    codebook_report(
+        args.tokens,
+        args.out,
+        tokenizer_dir=args.tokenizer,
+        source=args.source,
+        compare=args.compare,
+        sample=args.sample,
+        address=args.address,
+        num_cpus=args.num_cpus,
+        duplicate_threshold=args.threshold,
+        clusters=args.clusters,
+        mosaic_codes=args.mosaic_codes,
+        quiet=args.quiet,
+    )
     return 0
 
 
