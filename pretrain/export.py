@@ -53,12 +53,14 @@ def export_config(state: dict[str, Any], source: str) -> dict[str, Any]:
     }
 
 
-def export_encoder(checkpoint: str | Path, out: str) -> str:
-    """Write ``model.safetensors`` + ``config.json`` for timm; ``checkpoint`` may be a run directory."""
+def export_encoder(checkpoint: str | Path, out: str, source: str | None = None) -> str:
+    """Write ``model.safetensors`` + ``config.json`` for timm; ``checkpoint`` may be a run directory.
+    ``source``: where the checkpoint lives, recorded in the config (default: its resolved local path;
+    given when ``checkpoint`` is a local copy of a checkpoint in a bucket)."""
     ckpt = latest_checkpoint(checkpoint)
     state = read_state(ckpt)
     weights = encoder_state(load_file(str(ckpt / MODEL)))
-    cfg = export_config(state, str(Path(ckpt).resolve()))
+    cfg = export_config(state, source or str(Path(ckpt).resolve()))
     _check_loads(weights, cfg)
     storage.makedirs(out)
     storage.write_bytes_atomic(storage.join(out, "model.safetensors"), save(weights, metadata={"format": "pt"}))

@@ -116,13 +116,19 @@ class Progress:
             self.log.flush()
 
     def close(self, step: int, steps_here: int, seconds: float) -> list[int]:
-        """The end record; every rank's step count (gathered: they must agree, or DDP would have hung)."""
-        rank_steps = [steps_here]
+        """The end record; every rank's step count (gathered: they must agree, or DDP would have hung) and
+        the Ray node it ran on (where a multi-node run actually placed its ranks)."""
+        import ray
+
+        node_id = ray.get_runtime_context().get_node_id()
+        rank_steps, rank_nodes = [steps_here], [node_id]
         if self.env.world > 1:
             gathered: list[Any] = [None] * self.env.world
-            dist.all_gather_object(gathered, steps_here)
-            rank_steps = [int(x) for x in gathered]
+            dist.all_gather_object(gathered, (steps_here, node_id))
+            rank_steps = [int(x[0]) for x in gathered]
+            rank_nodes = [str(x[1]) for x in gathered]
         if self.log is not None:
-            self.log.write({"kind": "end", "step": step, "rank_steps": rank_steps, "seconds": round(seconds, 2)})
+            self.log.write({"kind": "end", "step": step, "rank_steps": rank_steps, "rank_nodes": rank_nodes,
+                            "seconds": round(seconds, 2)})
             self.log.close()
         return rank_steps

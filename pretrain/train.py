@@ -9,6 +9,7 @@ the newest; a killed worker restarts from it inside the run, up to ``max_failure
 
 from __future__ import annotations
 
+import posixpath
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -47,12 +48,16 @@ def run_pretrain(cfg: PretrainConfig, address: str | None = None, log: Callable[
         if cfg.use_gpu:
             require_gpu(log)
         result = fit(train_loop_per_worker, plan, spec)
+    encoder_dir = storage.join(plan.run_dir, "encoder")
     if result.checkpoint is not None:
-        ckpt_dir = result.checkpoint.path
+        # Ray gives the path inside its storage filesystem (no s3:// scheme): name it under the run dir,
+        # and let Ray materialise it locally for the export (the directory itself for a local run dir)
+        ckpt_dir = storage.join(plan.run_dir, posixpath.basename(result.checkpoint.path.rstrip("/")))
+        with result.checkpoint.as_directory() as local_ckpt:
+            export_encoder(local_ckpt, encoder_dir, source=ckpt_dir)
     else:  # nothing left to train (a rerun of a finished run): its newest checkpoint
         ckpt_dir = str(latest_checkpoint(plan.run_dir))
-    encoder_dir = storage.join(plan.run_dir, "encoder")
-    export_encoder(ckpt_dir, encoder_dir)
+        export_encoder(ckpt_dir, encoder_dir)
     if not storage.is_uri(plan.run_dir):
         save_config(cfg, plan.run_dir, "config.yaml")
     metrics = dict(result.return_value or {})
