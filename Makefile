@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not e2e" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not e2e and not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench --size $(BENCH_SIZE)
