@@ -37,6 +37,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not sys.stdout.isatty():  # worker lines in a log file or a job log: no colour codes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # read by Ray each time it prints a worker line
     import ray
 
     if ray.is_initialized():  # a caller (a test, `mimflow run`) already holds one: share it

@@ -1,4 +1,5 @@
-"""The embedded local Ray: its workers reach its own state API while another Ray runs on the machine."""
+"""The embedded local Ray: its workers reach its own state API while another Ray runs on the machine,
+and their lines reach a log file without colour codes."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Ray Train's placement-group cleaner calls the state API from inside the cluster with no address;
 # this does the same from a task, and looks for an actor only this cluster has.
 SCRIPT = """
-import json, os, uuid
+import json, os, time, uuid
 import ray
 from pipeline.ray_context import ray_session
 
@@ -31,6 +32,12 @@ with ray_session(num_cpus=1):
         from ray.util.state import list_actors
         return [a.name for a in list_actors(limit=1000)]
 
+    @ray.remote(num_cpus=0)
+    def shout():
+        print("worker-line", flush=True)
+
+    ray.get(shout.remote())
+    time.sleep(3)  # worker output reaches the driver asynchronously
     print(json.dumps({"name": name, "seen": ray.get(names_seen.remote()),
                       "driver_env": os.environ.get("RAY_API_SERVER_ADDRESS")}))
 """
@@ -43,3 +50,5 @@ def test_workers_find_their_own_cluster_while_another_ray_runs(ray_local):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["name"] in out["seen"]
     assert out["driver_env"] is None  # set for the cluster's workers only, not the driver's subprocesses
+    (line,) = [ln for ln in proc.stdout.splitlines() if "worker-line" in ln]
+    assert "\x1b[" not in line and line.endswith("worker-line")  # output to a pipe: no colour codes
