@@ -76,3 +76,9 @@ def s3_server():
     yield bucket
     proc.terminate()
     proc.wait(timeout=10)
+
+
+def pytest_collection_modifyitems(items):
+    """The config-check tests assert that a bad config stops a command before any Ray starts, which they
+    can only tell while no other test's Ray is up in this process: run them first (order otherwise kept)."""
+    items.sort(key=lambda item: 0 if item.module.__name__ == "test_config_checks" else 1)
