@@ -163,7 +163,7 @@ def test_rerun_after_a_failure_reuses_finished_partitions(tmp_path, tiny_encoder
 DRIVER = textwrap.dedent("""
     import json, resource, sys
     import faiss, numpy as np, ray  # libraries mapped before the cap: it measures data, not code
-    import eval.knn, eval.linear_probe
+    import eval.knn, eval.linear_probe, timm.models.beit
     from eval.eval_config import EvalConfig, ProbeConfig
     from eval.evaluate import run_eval
     from eval.features import load_labelled_images
