@@ -59,7 +59,8 @@ def _cached(cache_dir: str) -> dict[str, np.ndarray]:
     from pipeline.token_cache import check_cache, decode_sample, read_shard, shard_urls
 
     _, rows = check_cache(cache_dir)
-    return {s.key: s.tokens for s in (decode_sample(r) for url in shard_urls(cache_dir, rows) for r in read_shard(url))}
+    samples = (decode_sample(r) for url in shard_urls(cache_dir, rows) for r in read_shard(url))
+    return {s.key.rsplit("-", 1)[0]: s.tokens for s in samples}  # key: the file name + a hash of its path
 
 
 def _batch(pixels: dict[str, np.ndarray], keys: list[str]) -> torch.Tensor:
