@@ -9,11 +9,10 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.token_cache import check_cache
+from pipeline.token_cache import check_cache, read_errors
 from test_cache_support import make_tokenizer, read_cache
 from test_images import jpeg_exif_rotated, png_16bit, png_bomb
 
@@ -77,7 +76,7 @@ def _build(tok_dir: str, spec: str, out: Path, capsys) -> tuple[str, dict, list[
     assert main(["tokens", "build", "--tokenizer", tok_dir, "--source", spec, "--out", str(out), "--actors", "1"]) == 0
     cache_dir = capsys.readouterr().out.strip().splitlines()[-1]
     info, _ = check_cache(cache_dir)
-    errors = pq.read_table(Path(cache_dir) / "errors.parquet").to_pylist()
+    errors = read_errors(cache_dir, info)
     assert main(["tokens", "verify", cache_dir]) == 0  # a fresh build always verifies
     capsys.readouterr()
     return cache_dir, info, errors
@@ -103,7 +102,7 @@ def test_folder_build_accounts_for_every_file(ray_local, tok_dir, tmp_path, caps
     assert len(present) == len(valid) + 5 + 1 + 1 + 2  # valid, bad, plain, beside, two links
     cache_dir, info, errors = _build(tok_dir, f"{root}?partition_size=4", tmp_path / "cache", capsys)
     samples = read_cache(cache_dir)
-    assert len(samples) + len(errors) == len(present) == info["samples"] + info["errors"]
+    assert len(samples) + len(errors) == len(present) == info.samples + info.errors
     # No valid image dropped: every one is in the cache with its bytes unchanged.
     by_bytes = {s.image: s for s in samples}
     for name, data in valid.items():
@@ -149,7 +148,7 @@ def test_tar_build_accounts_for_every_member(ray_local, tok_dir, tmp_path, capsy
     _tar(tar, members + bad + hidden)
     cache_dir, info, errors = _build(tok_dir, f"{tar}?partition_size=5", tmp_path / "cache", capsys)
     samples = read_cache(cache_dir)
-    assert len(samples) == len(valid) and len(errors) == 8 == info["errors"]
+    assert len(samples) == len(valid) and len(errors) == 8 == info.errors
     assert {s.image for s in samples} == set(valid.values())
     assert sorted(s.label for s in samples) == sorted(i % 3 for i in range(len(valid)))
     named = {e["source"].split("#", 1)[1] for e in errors}
