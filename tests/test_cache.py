@@ -30,6 +30,7 @@ def tok_dir(tmp_path_factory) -> str:
     return make_tokenizer(tmp_path_factory.mktemp("tok") / "tok", seed=0)
 
 
+@pytest.mark.slow
 def test_round_trip_determinism_and_webdataset(ray_local, tok_dir, shapes_spec, tmp_path):
     from tokenizer.checkpoint import load_tokenizer
 
@@ -151,6 +152,7 @@ def test_killed_actor_is_restarted_and_the_build_completes(ray_local, tok_dir, t
     assert len(keys) == len(set(keys)) == 40 == info.samples and len(rows) == 8
 
 
+@pytest.mark.slow
 def test_driver_killed_mid_build_then_rerun_completes(ray_local, tok_dir, tmp_path):
     """A real build process, kill -9 after some shards; a rerun finishes without redoing them."""
     from tokenizer.checkpoint import load_tokenizer

@@ -180,6 +180,7 @@ def test_stage1_config_flat_and_nested(tmp_path):
         load_stage1_config(None, ["tokens.view=2"])
 
 
+@pytest.mark.slow
 def test_stage1_entry_point_trains_then_builds_then_is_current(ray_local, tmp_path, capsys):
     """``python -m tokenizer``: train a tiny dVAE (in-process), build its cache; a rerun does neither."""
     import json

@@ -53,6 +53,7 @@ def _consistent(cache_dir: str) -> None:
     assert report.ok, report.summary()
 
 
+@pytest.mark.slow
 def test_refresh_a_b_c_a_commits_the_shard_it_lists(ray_local, tok, tmp_path):
     """#15.1: A -> B -> C -> A; the last refresh must not keep A's old record over C's bytes."""
     spec = _folder(tmp_path / "imgs")
@@ -70,6 +71,7 @@ def test_refresh_a_b_c_a_commits_the_shard_it_lists(ray_local, tok, tmp_path):
     assert {s.key.rsplit("-", 1)[0]: s.image for s in read_cache(cache_dir)}["im05"] == original  # key: prefix-hash
 
 
+@pytest.mark.slow
 def test_inserting_one_image_rebuilds_one_partition(ray_local, tok, tmp_path):
     """#15.4: partitions by key hash, their count fixed for the cache: an insertion touches one."""
     from pipeline.sources import open_source
@@ -114,6 +116,7 @@ def test_key_partitions_insertions_deletions_changes_touch_at_most_k(tmp_path):
     assert sum(a != b for a, b in zip(before, members())) <= 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fail_at", [0, 1, 2])
 def test_refresh_killed_in_the_commit_leaves_the_old_or_the_new_cache(ray_local, tok, tmp_path, monkeypatch, fail_at):
     """#15.7: a refresh dying at any write of its commit leaves a cache that verify and check_cache
@@ -154,6 +157,7 @@ def test_refresh_killed_in_the_commit_leaves_the_old_or_the_new_cache(ray_local,
     assert info.source_size == 13 and info.errors == 1 and verify_cache(cache_dir).ok
 
 
+@pytest.mark.slow
 def test_gc_removes_only_its_own_files_and_a_rerun_its_temporaries(ray_local, tok, tmp_path):
     """#15.8: a user's notes survive --gc (in the kept cache and in a superseded one); a successful
     rerun removes the temporary a killed commit left."""
@@ -184,6 +188,7 @@ def test_gc_removes_only_its_own_files_and_a_rerun_its_temporaries(ray_local, to
     _consistent(str(cache_dir))
 
 
+@pytest.mark.slow
 def test_tokens_verify_exits_zero_every_time(ray_local, tok, tmp_path):
     """#15.10: a verify that found nothing exits 0, every run (it aborted at exit 4 times in 26)."""
     cache_dir = refresh(tok, str(tmp_path / "out"), _folder(tmp_path / "imgs"), num_actors=1).cache_dir

@@ -84,6 +84,7 @@ def alter_shard(cache: Path, index: int) -> int:
     return altered
 
 
+@pytest.mark.slow
 def test_vqkd_agreement_and_geometry(tmp_path, vqkd_dir, ray_local):
     cache = build_cache(tmp_path / "tokens", vqkd_dir)
     rep = codebook_report(str(cache), str(tmp_path / "fresh"), tokenizer_dir=str(vqkd_dir), sample=64, quiet=True)

@@ -258,6 +258,7 @@ def test_feature_poolings_and_layers(tiny_encoder):
 # ------------------------------------------------------------------------------------------ run_eval
 
 
+@pytest.mark.slow
 def test_run_eval_writes_results_and_table(tmp_path, tiny_encoder, ray_local):
     from eval.eval_config import EvalConfig, ProbeConfig
     from eval.evaluate import format_table, run_eval

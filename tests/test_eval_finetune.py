@@ -19,6 +19,7 @@ def easy_images(n: int, size: int = 32, seed: int = 0):
     return LabelledImages("easy", pixels, labels.astype(np.int64), [f"s{seed}-{i}" for i in range(n)], ["dark", "bright"])
 
 
+@pytest.mark.slow
 def test_finetune_on_ray_train_learns_an_easy_task(tmp_path, ray_local):
     from eval.eval_config import FinetuneConfig
     from eval.features import load_encoder
@@ -71,6 +72,7 @@ def test_run_eval_finetune_with_baseline(tmp_path, ray_local):
     assert "fine-tune (1 ep, 50% labels)" in format_table(doc)
 
 
+@pytest.mark.slow
 def test_two_ddp_workers_fine_tune_as_one_worker_with_their_global_batch(tmp_path, ray_local):
     """DDP averages the two ranks' gradients: 2 workers x 8 images must take the steps 1 worker x 16 takes."""
     from eval.eval_config import FinetuneConfig

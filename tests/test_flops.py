@@ -66,6 +66,7 @@ def test_peak_table_and_mfu():
     assert mfu(1000.0, train_flops_per_image(base, 224, 8192, 75), 989.0) == pytest.approx(0.1094, abs=5e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_blocks_give_the_eager_loss_and_gradients():

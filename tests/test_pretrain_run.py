@@ -35,6 +35,7 @@ def uneven_cache(tmp_path_factory):
     return root, str(cache)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_two_workers_on_uneven_shards_then_stop_and_resume(ray_local, uneven_cache):
     root, cache = uneven_cache
@@ -198,6 +199,7 @@ def test_python_m_pretrain_is_the_job_entry_point(capsys):
     assert "optim.lr" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_use_gpu_on_a_local_ray_without_gpu_is_a_clear_error(uneven_cache):
     """On a Ray this process starts nothing will ever add a GPU: fail at once, not wait forever."""

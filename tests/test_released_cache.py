@@ -68,6 +68,7 @@ def _batch(pixels: dict[str, np.ndarray], keys: list[str]) -> torch.Tensor:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_dalle_fresh_clone_import_then_cache_ids_equal_the_reference(ray_local, tmp_path):
     torch.manual_seed(0)
     enc = Encoder(n_hid=8, n_blk_per_group=1, vocab_size=64)
@@ -102,6 +103,7 @@ def vqkd_cache(ray_local, tmp_path_factory):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_beitv2_fresh_clone_import_then_cache_ids_equal_the_reference(vqkd_cache):
     _, sd, pixels, _, cache = vqkd_cache
     cached = _cached(cache)
@@ -119,6 +121,7 @@ def test_beitv2_fresh_clone_import_then_cache_ids_equal_the_reference(vqkd_cache
     assert rep["agreement"]["method"].startswith("faiss-l2") and rep["agreement"]["agreement"] == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_pretraining_from_an_imported_cache_and_tokens_online_agree(vqkd_cache):
     from pipeline.config import load_config

@@ -82,6 +82,7 @@ def _build(tok_dir: str, spec: str, out: Path, capsys) -> tuple[str, dict, list[
     return cache_dir, info, errors
 
 
+@pytest.mark.slow
 def test_folder_build_accounts_for_every_file(ray_local, tok_dir, tmp_path, capsys):
     root = tmp_path / "data"
     valid = _valid_images()
@@ -129,6 +130,7 @@ def _tar(path: Path, members: list) -> None:
                 tf.addfile(info)
 
 
+@pytest.mark.slow
 def test_tar_build_accounts_for_every_member(ray_local, tok_dir, tmp_path, capsys):
     valid = _valid_images()
     good = [(f"k{i:02d}.{name.rsplit('.', 1)[1]}", data) for i, (name, data) in enumerate(valid.items())]

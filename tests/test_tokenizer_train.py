@@ -52,6 +52,7 @@ def _meta(out):
     return json.loads((out / "train.json").read_text())
 
 
+@pytest.mark.slow
 def test_vqkd_ddp_two_workers(ray_local, tmp_path, capsys):
     out = tmp_path / "vqkd"
     cfg = load_config(
@@ -100,6 +101,7 @@ def test_vqkd_ddp_two_workers(ray_local, tmp_path, capsys):
     assert again["history"] == history
 
 
+@pytest.mark.slow
 def test_dvae_via_cli_lowers_loss_and_saves_reconstructions(ray_local, tmp_path, capsys):
     from mimflow.cli import main
 
