@@ -39,7 +39,7 @@ from eval.features import (
     write_entry,
 )
 from pipeline import storage
-from pipeline.cluster_fit import alive_nodes
+from pipeline.cluster_fit import cpus_per_actor
 from pipeline.progress import Progress
 
 
@@ -152,9 +152,7 @@ def _run_actors(args: tuple, todo: list, jobs: dict[int, dict[str, str]], worker
         opts["num_cpus"] = 1
     else:
         n = min(n, max(1, int(cpus)))  # actors hold their CPUs for life: more would never be scheduled
-        # an actor lives on one node: never more CPUs than the biggest node has (else it waits forever)
-        node_cpus = max((float(r.get("CPU", 0)) for r in alive_nodes()), default=cpus)
-        threads = max(1, int(min(cpus // n, node_cpus)))
+        threads = cpus_per_actor(cpus, n)
         opts["num_cpus"] = threads
     t0 = time.perf_counter()
     Worker = ray.remote(FeatureWorker).options(**opts)

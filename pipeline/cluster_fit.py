@@ -42,6 +42,13 @@ def alive_nodes() -> list[dict[str, float]]:
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
+def cpus_per_actor(cpus: float, actors: int) -> int:
+    """Each of ``actors`` long-lived actors' share of ``cpus``, but never more than the biggest alive
+    node has: an actor lives on one node, and a bigger request would wait forever."""
+    node_cpus = max((float(r.get("CPU", 0)) for r in alive_nodes()), default=cpus)
+    return max(1, int(min(cpus // actors, node_cpus)))
+
+
 def workers_that_fit(req: WorkerRequest, nodes: Iterable[dict[str, float]]) -> int:
     """How many of the request's bundles the nodes hold at once (each bundle on a single node)."""
     total = 0

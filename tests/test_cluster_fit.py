@@ -34,4 +34,5 @@ def test_infeasible_request_on_a_growable_cluster_warns_then_gives_up(ray_local)
 
 
 def test_local_paths_on_one_node_need_no_declaration(ray_local, tmp_path):
-    check_shared_paths([("out", str(tmp_path)), ("data", "s3://b/x")], shared_fs=False)
+    assert len(alive_nodes()) == 1  # on several nodes the same call raises (tests/test_multinode.py's cluster)
+    assert check_shared_paths([("out", str(tmp_path)), ("data", "s3://b/x")], shared_fs=False) is None

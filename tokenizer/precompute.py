@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pipeline import storage
-from pipeline.cluster_fit import alive_nodes, check_shared_paths
+from pipeline.cluster_fit import check_shared_paths, cpus_per_actor
 from pipeline.sources import parse_spec
 from pipeline.token_cache import (
     CACHE_FORMAT,
@@ -134,10 +134,7 @@ def _run_pool(params: BuildParams, todo: list, num_actors: int | None, progress:
     n = max(1, min(num_actors or _default_actors(gpus, cpus), len(todo)))
     if not gpus:
         n = min(n, max(1, int(cpus)))  # actors hold their CPUs for life: more would never be scheduled
-    # each actor reserves its share of the CPUs and uses that many threads; an actor lives on one node, so
-    # never more than the biggest node has (on a 3-node cluster a 3-CPU actor would wait forever)
-    node_cpus = max((float(r.get("CPU", 0)) for r in alive_nodes()), default=cpus)
-    threads = max(1, int(min(cpus // n, node_cpus)))
+    threads = cpus_per_actor(cpus, n)  # each actor reserves its share and uses that many threads
     opts: dict[str, Any] = {"max_restarts": 3, "max_task_retries": 3, "num_cpus": threads}
     if gpus:
         opts["num_gpus"] = 1 if gpus >= n else gpus / n
