@@ -327,7 +327,7 @@ def write_entry(entry: str, fs: FeatureSet, meta: dict[str, Any]) -> None:
 
 
 def read_entry(entry: str) -> FeatureSet | None:
-    import pyarrow.parquet as pq
+    from pipeline.token_cache import read_parquet
 
     meta_path = storage.join(entry, "meta.json")
     if not storage.exists(meta_path):
@@ -336,7 +336,7 @@ def read_entry(entry: str) -> FeatureSet | None:
     if meta.get("format") != CACHE_FORMAT:
         return None
     features = np.load(io.BytesIO(storage.read_bytes(storage.join(entry, "features.npy"))))
-    table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(entry, "index.parquet"))))
+    table = read_parquet(storage.join(entry, "index.parquet"))
     labels = table.column("label").to_numpy().astype(np.int64)
     keys = table.column("key").to_pylist()
     if len(keys) != len(features):

@@ -234,7 +234,9 @@ def write_parquet_atomic(location: str, table: pa.Table) -> None:
 
 
 def read_parquet(location: str) -> pa.Table:
-    return pq.read_table(pa.BufferReader(storage.read_bytes(location)))
+    # Without Arrow's thread pool: a short command that used it aborts at exit now and then
+    # ("terminate called without an active exception", pyarrow 26), and these tables are small.
+    return pq.read_table(pa.BufferReader(storage.read_bytes(location)), use_threads=False)
 
 
 def commit_cache(cache_dir: str, info: CacheInfo, rows: list[dict[str, Any]], errors: list[dict[str, str]]) -> None:
