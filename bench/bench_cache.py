@@ -103,10 +103,7 @@ def reference_rate(tok_dir: str, spec: str, views: int, batch_size: int, device:
     from tokenizer.checkpoint import load_tokenizer
 
     tok = load_tokenizer(tok_dir)
-    if hasattr(tok, "to"):
-        tok = tok.to(device)
-    if hasattr(tok, "eval"):
-        tok.eval()
+    tok = tok.to(device).eval()
     items = list(open_source(spec))
     t0 = time.perf_counter()
     prepared = [_prepare(it, views, 0, int(tok.input_size)) for it in items]

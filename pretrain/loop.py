@@ -57,15 +57,6 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     return out, grad_norm, lr
 
 
-def _tokenizer_on(tok: Any, device: torch.device) -> Any:
-    if isinstance(tok, torch.nn.Module):
-        return tok.to(device).eval()
-    if hasattr(tok, "to"):
-        moved = tok.to(device)
-        tok = moved if moved is not None else tok
-    if hasattr(tok, "eval"):
-        tok.eval()
-    return tok
 
 
 def _loader(plan: RunPlan, env: WorkerEnv, start_step: int):
@@ -100,7 +91,7 @@ def train_loop_per_worker(plan: RunPlan) -> dict[str, Any]:
         if d is not None:
             start_step = int(load_checkpoint(d, core, optimizer, scheduler, env.device)["step"])
             resumed_digest = optimizer_digest(optimizer.state_dict())
-    tokenizer = _tokenizer_on(load_tokenizer(cfg.data.tokenizer), env.device) if cfg.target == "tokens-online" else None
+    tokenizer = load_tokenizer(cfg.data.tokenizer).to(env.device).eval() if cfg.target == "tokens-online" else None
     progress = Progress(plan, env, start_step, resumed_digest)
     mean = torch.tensor(cfg.data.mean, dtype=torch.float32, device=env.device)
     std = torch.tensor(cfg.data.std, dtype=torch.float32, device=env.device)

@@ -33,13 +33,13 @@ os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}", AWS_ACCESS_KEY
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray (in-process head), shared by every test that asks for it."""
+    """A real local Ray (in-process head) with the machine's CPUs, shared by every test that asks for it."""
     import ray
 
     from pipeline.ray_context import start_local_ray
 
     if not ray.is_initialized():
-        start_local_ray(4, log_to_driver=False, configure_logging=False)
+        start_local_ray(max(2, os.cpu_count() or 2), log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from pipeline.images import decode_rgb, encode_png
 from pipeline.token_cache import check_cache, decode_sample, read_errors, shard_urls
 from pipeline.tensors import to_tensor
 from pipeline.views import render_view
+from slow_partitions import driver_code
 from test_cache_support import make_tokenizer, manifest_without_time, read_cache
 from tokenizer.precompute import build_cache
 
@@ -128,23 +128,32 @@ def _wait_for_records(cache_dir: Path, n: int, timeout: float = 60.0) -> list[di
     raise AssertionError(f"no {n} finished partitions in {cache_dir} after {timeout}s")
 
 
+def _slow_build(ray_local, build_call: str, delay_s: float) -> subprocess.Popen:
+    """A driver process on the session Ray whose cache actors pause ``delay_s`` per partition."""
+    address = ray_local.get_runtime_context().gcs_address
+    code = driver_code(address, str(REPO / "tests"), delay_s, build_call)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
 def test_killed_actor_is_restarted_and_the_build_completes(ray_local, tok_dir, tmp_path):
     from tokenizer.checkpoint import load_tokenizer
 
     spec = "shapes?n=40&size=32&seed=1&partition_size=5"
     out = tmp_path / "out"
     cache_dir = out / load_tokenizer(tok_dir).tokenizer_id
-    result: dict = {}
-
-    def build():
-        result["report"] = build_cache(tok_dir, spec, str(out), batch_size=8, num_actors=1, _delay_s=0.3)
-
-    thread = threading.Thread(target=build)
-    thread.start()
-    first = _wait_for_records(cache_dir, 1)[0]
-    os.kill(first["worker"]["pid"], signal.SIGKILL)  # the actor process, mid-build
-    thread.join(timeout=120)
-    assert not thread.is_alive() and "report" in result
+    proc = _slow_build(ray_local, f"build_cache({tok_dir!r}, {spec!r}, {str(out)!r}, batch_size=8, num_actors=1)", 0.3)
+    try:
+        first = _wait_for_records(cache_dir, 1)[0]
+        os.kill(first["worker"]["pid"], signal.SIGKILL)  # the actor process, mid-build
+        _, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    assert proc.returncode == 0, stderr.decode()[-2000:]
     pids = {r["worker"]["pid"] for r in _records(cache_dir)}
     assert len(pids) >= 2  # a restarted actor finished the job
     info, rows = check_cache(str(cache_dir))
@@ -160,16 +169,7 @@ def test_driver_killed_mid_build_then_rerun_completes(ray_local, tok_dir, tmp_pa
     spec = "shapes?n=48&size=32&seed=2&partition_size=4"
     out = tmp_path / "out"
     cache_dir = out / load_tokenizer(tok_dir).tokenizer_id
-    address = ray_local.get_runtime_context().gcs_address
-    code = (
-        "import sys; from tokenizer.precompute import build_cache; "
-        f"build_cache({tok_dir!r}, {spec!r}, {str(out)!r}, batch_size=4, num_actors=2, address={address!r}, "
-        "_delay_s=0.4)"
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = _slow_build(ray_local, f"build_cache({tok_dir!r}, {spec!r}, {str(out)!r}, batch_size=4, num_actors=2)", 0.4)
     try:
         _wait_for_records(cache_dir, 3, timeout=90)
     finally:

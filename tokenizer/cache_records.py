@@ -38,7 +38,6 @@ class BuildParams:
     batch_size: int
     partitions: int  # the cache's partition count (fixed for its life)
     committed: frozenset = frozenset()  # shard names the committed manifest lists
-    delay_s: float = 0.0  # tests only: a pause per partition so a kill lands mid-build
 
 
 # Every file name a build writes in a cache directory (and their temporaries): the only ones gc removes.

@@ -100,10 +100,7 @@ class PartitionEncoder:
                 f"tokenizer at {params.tokenizer_dir} is now {tok_id}, the build started with "
                 f"{params.tokenizer_id}: it changed during the build; rerun"
             )
-        if hasattr(self.tok, "to"):
-            self.tok = self.tok.to(self.device)
-        if hasattr(self.tok, "eval"):
-            self.tok.eval()
+        self.tok = self.tok.to(self.device).eval()
         self.source = open_source(params.source_spec)  # listed once per actor
         if self.source.fingerprint() != params.source_fingerprint:
             raise CacheError(f"source {params.source_spec!r} changed since the build started; rerun to pick it up")
@@ -179,8 +176,6 @@ class PartitionEncoder:
             return reused
         t0 = time.perf_counter()
         samples, errors, images = self.encode_items(items)
-        if params.delay_s:
-            time.sleep(params.delay_s)
         shard = None
         count, nbytes, sha = 0, 0, None
         if samples:

@@ -38,6 +38,7 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.cluster_fit import check_shared_paths, cpus_per_actor
+from pipeline.progress import Progress
 from pipeline.sources import parse_spec
 from pipeline.token_cache import (
     CACHE_FORMAT,
@@ -76,57 +77,16 @@ class BuildReport:
 # -------------------------------------------------------------------------------------------- driver
 
 
-class Progress:
-    """One line every ``every`` seconds: shards done/total, images/s, ETA."""
-
-    def __init__(self, total_shards: int, done: int, todo_images: int, every: float = 5.0, stream=None):
-        self.total, self.done, self.todo_images = total_shards, done, todo_images
-        self.images = 0
-        self.left_images = todo_images
-        self.startup_s = 0.0
-        self.t0 = self.last = time.perf_counter()
-        self.every = every
-        self.stream = stream or sys.stdout
-
-    def update(self, rec: dict[str, Any], part_size: int, force: bool = False) -> None:
-        self.done += 1
-        self.images += rec.get("images", 0)
-        self.left_images -= part_size
-        self.maybe_print(force)
-
-    def maybe_print(self, force: bool = False) -> None:
-        now = time.perf_counter()
-        if not force and now - self.last < self.every:
-            return
-        self.last = now
-        elapsed = max(now - self.t0, 1e-9)
-        rate = self.images / elapsed
-        if self.left_images <= 0:
-            eta = "0:00:00"
-        elif rate > 0:
-            eta = _hms(self.left_images / rate)
-        else:
-            eta = "?"
-        print(
-            f"tokens: {self.done}/{self.total} shards, {self.images} images in {_hms(elapsed)}, "
-            f"{rate:.1f} images/s, ETA {eta}",
-            file=self.stream,
-            flush=True,
-        )
-
-
-def _hms(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
 def _default_actors(gpus: float, cpus: float) -> int:
     if gpus >= 1:
         return int(gpus)
     return max(1, int(cpus))
 
 
-def _run_pool(params: BuildParams, todo: list, num_actors: int | None, progress: Progress) -> dict[int, dict]:
+def _run_pool(
+    params: BuildParams, todo: list, num_actors: int | None, progress: Progress
+) -> tuple[dict[int, dict], float]:
+    """(completion record per partition index, seconds the actors took to start)."""
     import ray
 
     res = ray.cluster_resources()
@@ -144,14 +104,14 @@ def _run_pool(params: BuildParams, todo: list, num_actors: int | None, progress:
     t0 = time.perf_counter()
     actors = [Worker.remote(params, threads) for _ in range(n)]
     ray.get([a.pid.remote() for a in actors])  # started, tokenizer loaded, source opened
-    progress.startup_s = time.perf_counter() - t0
+    startup_s = time.perf_counter() - t0
     print(
         f"tokens: {len(todo)} partitions on {n} actor(s) "
         f"({'GPU ' + format(opts['num_gpus'], 'g') + ' each' if gpus else f'CPU, {threads} thread(s) each'}), "
-        f"started in {progress.startup_s:.1f}s",
+        f"started in {startup_s:.1f}s",
         flush=True,
     )
-    progress.t0 = progress.last = time.perf_counter()  # rates and ETA from here on
+    progress.restart_clock()  # rates and ETA from here on
     queue = deque(todo)
     inflight: dict = {}
     results: dict[int, dict] = {}
@@ -166,9 +126,9 @@ def _run_pool(params: BuildParams, todo: list, num_actors: int | None, progress:
             submit(actor)
     try:
         while inflight:
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=progress.every)
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=progress.every_s)
             if not ready:
-                progress.maybe_print()
+                progress.tick()
                 continue
             for ref in ready:
                 actor, part = inflight.pop(ref)
@@ -180,12 +140,12 @@ def _run_pool(params: BuildParams, todo: list, num_actors: int | None, progress:
                 except ray.exceptions.RayActorError as e:
                     raise CacheError(f"partition {part.index}: its worker died (after retries): {e}") from None
                 results[part.index] = rec
-                progress.update(rec, part.size)
+                progress.update(rec.get("images", 0), part.size)
                 submit(actor)
     finally:
         for actor in actors:
             ray.kill(actor)
-    return results
+    return results, startup_s
 
 
 def _committed(cache_dir: str) -> tuple[CacheInfo | None, list[dict[str, Any]]]:
@@ -219,7 +179,6 @@ def build_cache(
     address: str | None = None,
     num_cpus: int | None = None,
     progress_every: float = 5.0,
-    _delay_s: float = 0.0,
 ) -> BuildReport:
     """Build (or resume, or bring up to date) the token cache ``out_root/<tokenizer_id>``; says what was done."""
     from pipeline.ray_context import ray_session
@@ -257,7 +216,6 @@ def build_cache(
         batch_size=batch_size,
         partitions=count,
         committed=frozenset(r["shard"] for r in committed),
-        delay_s=_delay_s,
     )
     done: dict[int, dict] = {}
     for rec in sorted(records, key=lambda r: r.get("created", 0), reverse=True):  # the newest current one
@@ -275,14 +233,15 @@ def build_cache(
             f"already done -> {cache_dir}",
             flush=True,
         )
-        progress = Progress(len(parts), len(done), sum(p.size for p in todo), every=progress_every)
+        progress = Progress("tokens:", len(parts), sum(p.size for p in todo), done=len(done), every=None,
+                            every_s=progress_every, parts="shards", stream=sys.stdout)
         with ray_session(address, num_cpus):
             # on several nodes, a local path is each node's own disk: the shards would be split over them
             check_shared_paths([("--out", out_root), ("--tokenizer", tokenizer_dir),
                                 ("--source", parse_spec(source_spec)[1] if source.kind != "shapes" else None)])
-            results = _run_pool(params, todo, num_actors, progress)
-        progress.maybe_print(force=True)
-        report.startup_s = progress.startup_s
+            results, startup_s = _run_pool(params, todo, num_actors, progress)
+        progress.finish()
+        report.startup_s = startup_s
         report.encode_s = time.perf_counter() - progress.t0
         if open_source(source_spec).fingerprint() != fingerprint:  # finished shards are kept for the rerun
             raise CacheError(f"source {source_spec!r} changed during the build; rerun to bring the cache up to date")
@@ -395,4 +354,4 @@ def _plan_commit(tok, source, params: BuildParams, parts, done: dict[int, dict],
     return info, rows, errors
 
 
-__all__ = ["BuildReport", "Progress", "build_cache"]
+__all__ = ["BuildReport", "build_cache"]
