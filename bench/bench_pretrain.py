@@ -12,6 +12,7 @@ profile of both arms' steps: time per ``train_step`` range (input, tokenizer, fo
 optimizer) and the top ops.
 
     python -m bench.bench_pretrain --size cpu     # base proportions scaled down, then the demo's pair; CPU
+                                                  # (and the demo's step with 1 thread vs one per core)
     python -m bench.bench_pretrain --size gpu     # ViT-B/16 at 224 px + BEiT v1's dVAE at 112 px, bf16,
                                                   # torch.compile'd blocks
 """
@@ -247,6 +248,41 @@ def measure(s: dict[str, Any], device: torch.device, peak: float | None = None) 
     }
 
 
+def measure_threads(s: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The cached step with one torch thread vs one per core, interleaved rounds: what `cpus_per_worker`
+    (a worker's torch threads) should be in the CPU recipes."""
+    from pretrain.loop import train_step
+    from pretrain.model import MIMModel
+    from pretrain.optim import OptimConfig, make_optimizer, make_scheduler
+
+    cores = os.cpu_count() or 1
+    before = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="bench-threads-") as workdir:
+        tok, batches, _, _ = setup(s, workdir, device, targets=("tokens",))
+        torch.manual_seed(0)
+        model = MIMModel(model_config(s["model"]), s["img"], "tokens", tok.vocab_size).to(device).train()
+        ocfg = OptimConfig(lr=1e-4)
+        opt = make_optimizer(model, ocfg)
+        sched = make_scheduler(opt, ocfg, 10**6, 0)
+        mean = std = torch.full((3,), 0.5, device=device)
+        times: dict[int, list[float]] = {1: [], cores: []}
+        try:
+            for _ in range(s["repeats"]):
+                for n in times:
+                    torch.set_num_threads(n)
+                    for i, b in enumerate(batches["tokens"]):
+                        t0 = time.perf_counter()
+                        train_step(model, opt, sched, b, device, mean=mean, std=std, clip=3.0)
+                        if i >= s["warmup"]:
+                            times[n].append(time.perf_counter() - t0)
+        finally:
+            torch.set_num_threads(before)
+    ips = {n: s["batch"] / float(np.quantile(ts, 0.25)) for n, ts in times.items()}
+    return {"bench": "pretrain_threads_demo", "variant": s["variant"], "figure": round(ips[cores], 1),
+            "reference": round(ips[1], 1), "unit": "images/s", "ratio": round(ips[cores] / ips[1], 3),
+            "threads": {"figure": cores, "reference": 1}, "steps_timed": len(times[1]), "device": str(device)}
+
+
 def main(argv: list[str] | None = None) -> int:
     from pretrain.flops import peak_tflops
 
@@ -262,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     peak = args.peak_tflops or (peak_tflops(torch.cuda.get_device_name(device)) if gpu else None)
     for spec in SIZES[args.size]:
         emit(measure(spec, device, peak))
+        if spec["variant"] == "demo" and not gpu:
+            emit(measure_threads(spec, device))
     return 0
 
 

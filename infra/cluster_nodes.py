@@ -30,10 +30,8 @@ import dataclasses
 import json
 import os
 import random
-import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,8 +40,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from infra.cluster_ports import pick_ports, ports_lock
-from infra.cluster_procs import CHILDREN, TAG_ENV, Proc, _scan, pid_alive, read_stat
+from infra.cluster_ports import PORT_FLAGS, pick_ports, ports_lock
+from infra.cluster_procs import CHILDREN, TAG_ENV, Proc, _scan, launch_logged, pid_alive, read_stat
 from infra.cluster_state import LOOPBACK, ClusterError, ClusterInfo, flock
 
 # The raylet waits 15 s (Ray's default) for its dashboard agent to write its port file and aborts
@@ -52,14 +50,7 @@ from infra.cluster_state import LOOPBACK, ClusterError, ClusterInfo, flock
 START_WAIT_ENV = {"RAY_raylet_start_wait_time_s": "60"}
 
 # ports a non-head node opens (the GCS, dashboard and client server live on the head only)
-NODE_PORT_FLAGS = {
-    "node_manager": "--node-manager-port",
-    "object_manager": "--object-manager-port",
-    "metrics_export": "--metrics-export-port",
-    "dashboard_agent_listen": "--dashboard-agent-listen-port",
-    "dashboard_agent_grpc": "--dashboard-agent-grpc-port",
-    "runtime_env_agent": "--runtime-env-agent-port",
-}
+NODE_PORT_FLAGS = {k: v for k, v in PORT_FLAGS.items() if k not in ("gcs", "dashboard", "ray_client_server")}
 
 
 @dataclasses.dataclass
@@ -218,12 +209,7 @@ def _start_worker_node(head: ClusterInfo, name: str, num_cpus: int, object_store
             cmd += [flag, str(ports[key])]
         if object_store_memory is not None:
             cmd += ["--object-store-memory", str(int(object_store_memory))]
-        with open(log_path, "wb") as log:
-            log.write(("$ " + shlex.join(cmd) + "\n").encode())
-            log.flush()
-            proc = subprocess.Popen(cmd, env=env, cwd=str(temp_dir), stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        CHILDREN[proc.pid] = proc
+        proc = launch_logged(cmd, env, temp_dir, log_path)
         st = read_stat(proc.pid)
         node = WorkerNode(name=name, head_address=head.address, num_cpus=num_cpus, temp_dir=temp_dir, tag=tag,
                           launcher_pid=proc.pid, launcher_start=st.start if st else 0, node_id="",

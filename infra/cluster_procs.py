@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -29,6 +30,17 @@ class Proc:
     start: int
     state: str
     cmdline: str
+
+
+def launch_logged(cmd: list[str], env: dict[str, str], cwd: Path, log_path: Path) -> subprocess.Popen:
+    """Start a Ray node launcher in its own session, its output (after the command line) in ``log_path``."""
+    with open(log_path, "wb") as log:
+        log.write(("$ " + shlex.join(cmd) + "\n").encode())
+        log.flush()
+        proc = subprocess.Popen(cmd, env=env, cwd=str(cwd), stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    CHILDREN[proc.pid] = proc
+    return proc
 
 
 def read_stat(pid: int) -> Proc | None:

@@ -52,7 +52,6 @@ import os
 import random
 import secrets
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -63,7 +62,7 @@ from pathlib import Path
 from typing import Iterator
 
 from infra.cluster_ports import PORT_FLAGS, all_ports_listening, pick_ports, ports_lock
-from infra.cluster_procs import (CHILDREN, TAG_ENV, Cluster, cluster_processes, cluster_running,
+from infra.cluster_procs import (CHILDREN, TAG_ENV, Cluster, cluster_processes, cluster_running, launch_logged,
                                  processes_referencing, read_stat, stop_cluster, stop_processes)
 from infra.cluster_state import (DEFAULT_STATE_DIR, LOG_FILE, LOOPBACK, TOKEN_FILE, ClusterBusyError, ClusterError,
                                  ClusterInfo, cleanup_files, flock, load_cluster, resolve_state_dir, shell_env,
@@ -209,12 +208,7 @@ def start_cluster(
             if object_store_memory is not None:
                 cmd += ["--object-store-memory", str(int(object_store_memory))]
 
-            with open(log_path, "wb") as log:
-                log.write(("$ " + shlex.join(cmd) + "\n").encode())
-                log.flush()
-                proc = subprocess.Popen(cmd, env=env, cwd=str(temp_dir), stdin=subprocess.DEVNULL,
-                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            CHILDREN[proc.pid] = proc
+            proc = launch_logged(cmd, env, temp_dir, log_path)
             launcher = read_stat(proc.pid)
             info = Cluster(
                 state_dir=state_dir, temp_dir=temp_dir, temp_dir_owned=owned,
