@@ -1,5 +1,5 @@
 """The embedded local Ray: its workers reach its own state API while another Ray runs on the machine,
-and their lines reach a log file without colour codes."""
+their lines reach a log file without colour codes, and known harmless Ray warnings come without a traceback."""
 
 from __future__ import annotations
 
@@ -36,7 +36,18 @@ with ray_session(num_cpus=1):
     def shout():
         print("worker-line", flush=True)
 
+    @ray.remote(num_cpus=0)
+    def warn_with_tracebacks():
+        import logging
+        from pipeline.ray_context import ONE_LINE_LOGGERS
+        for name, tag in ((ONE_LINE_LOGGERS[0], "harmless-noise"), ("some.other.logger", "real-problem")):
+            try:
+                raise TimeoutError(tag + "-cause")
+            except TimeoutError:
+                logging.getLogger(name).warning(tag + "-warning", exc_info=True)
+
     ray.get(shout.remote())
+    ray.get(warn_with_tracebacks.remote())
     time.sleep(3)  # worker output reaches the driver asynchronously
     print(json.dumps({"name": name, "seen": ray.get(names_seen.remote()),
                       "driver_env": os.environ.get("RAY_API_SERVER_ADDRESS")}))
@@ -52,3 +63,7 @@ def test_workers_find_their_own_cluster_while_another_ray_runs(ray_local):
     assert out["driver_env"] is None  # set for the cluster's workers only, not the driver's subprocesses
     (line,) = [ln for ln in proc.stdout.splitlines() if "worker-line" in ln]
     assert "\x1b[" not in line and line.endswith("worker-line")  # output to a pipe: no colour codes
+    # the known harmless Ray warning keeps its line and loses its traceback; any other keeps both
+    logs = proc.stdout + proc.stderr
+    assert "harmless-noise-warning" in logs and "harmless-noise-cause" not in logs, logs[-3000:]
+    assert "real-problem-warning" in logs and "TimeoutError: real-problem-cause" in logs, logs[-3000:]
