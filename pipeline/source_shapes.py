@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterator
 
 from pipeline.images import encode_png
@@ -18,8 +19,10 @@ class ShapesSource(Source):
 
         super().__init__(spec, params, partition_size)
         # Item i does not depend on how many are drawn, so ``n`` (the base class's first-N subset)
-        # is also how many to generate.
+        # is also how many to generate: consumed here, it is the generator's parameter (in the
+        # fingerprint as it always was), not a subset of 2000.
         self.n = self.subset.n or 2000
+        self.subset = dataclasses.replace(self.subset, n=None)
         self.size = int(self.params.pop("size", 64))
         self.seed = int(self.params.pop("seed", 0))
         self.split = self.params.pop("split", "train")

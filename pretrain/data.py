@@ -141,7 +141,8 @@ class SampleTransform:
             info = torch.utils.data.get_worker_info()
             worker = info.id if info is not None else -1
             self._rng = np.random.default_rng(np.random.SeedSequence([*self.seed, worker + 1]))
-            self._crop_rng = random.Random(int(self._rng.integers(2**63)))
+            # its own seed, not a draw from _rng: the views' and masks' stream stays what it was
+            self._crop_rng = random.Random(f"crop:{self.seed}:{worker + 1}")
             self._pid = os.getpid()
         return self._rng
 
@@ -188,6 +189,7 @@ def make_dataset(urls: list[str], transform: SampleTransform, batch_size: int, *
     ``sha256`` (url -> the manifest's sha256): check each shard's bytes as it is opened."""
     import webdataset as wds
     from webdataset.cache import StreamingOpen
+    from webdataset.shardlists import ResampledShards
 
     ds = wds.WebDataset(
         list(urls),
@@ -198,14 +200,21 @@ def make_dataset(urls: list[str], transform: SampleTransform, batch_size: int, *
         empty_check=False,
         handler=_shard_error,
     )
-    # Our opener in webdataset's place: storage URIs, and the optional sha256 check.
-    stages = [i for i, s in enumerate(ds.pipeline) if isinstance(s, StreamingOpen)]
-    if len(stages) != 1:
-        raise RuntimeError("webdataset's pipeline has changed: no single opener stage to replace")
-    ds.pipeline[stages[0]] = ShardOpener(sha256)
+    # Our stages in webdataset's place: shards drawn from the seed alone (webdataset's resampled
+    # mode mixes the pid and the time into it: no two runs alike), and our opener (storage URIs,
+    # the optional sha256 check).
+    _replace_stage(ds, ResampledShards, ResampledShards(list(urls), seed=seed, deterministic=True))
+    _replace_stage(ds, StreamingOpen, ShardOpener(sha256))
     if shuffle_buffer > 1:
-        ds = ds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, max(64, shuffle_buffer // 4)))
+        ds = ds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, max(64, shuffle_buffer // 4)), seed=seed)
     return ds.map(transform).batched(batch_size, collation_fn=collate, partial=False)
+
+
+def _replace_stage(ds, kind: type, stage) -> None:
+    found = [i for i, s in enumerate(ds.pipeline) if isinstance(s, kind)]
+    if len(found) != 1:
+        raise RuntimeError(f"webdataset's pipeline has changed: no single {kind.__name__} stage to replace")
+    ds.pipeline[found[0]] = stage
 
 
 def make_loader(dataset, num_batches: int, *, workers: int = 0, prefetch: int = 2, pin_memory: bool = False):

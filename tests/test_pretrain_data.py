@@ -127,3 +127,20 @@ def test_masks_are_made_in_loader_workers(cache):
     ds2 = make_dataset(_urls(cache_dir), t, 4, shuffle_buffer=0)
     masks = torch.cat([b["mask"] for b in make_loader(ds2, 6, workers=2)])
     assert len({tuple(m.tolist()) for m in masks}) > 4
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_stream_is_a_function_of_the_seed(cache, workers):
+    """Same seed, same batches (shard draws, shuffle, views, masks), run after run; another seed, others."""
+    cache_dir, tok = cache
+    urls = _urls(cache_dir)
+
+    def keys_and_masks(seed: int) -> tuple[list, bytes]:
+        ds = make_dataset(urls, _transform(tok, seed=seed), 4, shuffle_buffer=8, seed=seed)
+        batches = list(make_loader(ds, 6, workers=workers))
+        return ([b["tokens"].numpy().tobytes() for b in batches],
+                b"".join(b["mask"].numpy().tobytes() + b["image"].numpy().tobytes() for b in batches))
+
+    first = keys_and_masks(3)
+    assert keys_and_masks(3) == first
+    assert keys_and_masks(4) != first

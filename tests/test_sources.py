@@ -163,6 +163,10 @@ def test_fingerprint_stable_and_detects_change(class_folder):
     (class_folder / "cat" / "extra.jpg").write_bytes(_jpeg(5))
     assert open_source(str(class_folder)).fingerprint() not in (fp, fp2)
     assert open_source("shapes?n=10").fingerprint() != open_source("shapes?n=11").fingerprint()
+    # shapes' n is how many to generate (2000 when absent), not a subset: one fingerprint for one listing,
+    # the same as before subsets existed, so tokenizers trained on `shapes?n=...` do not turn stale
+    assert open_source("shapes?n=2000").fingerprint() == open_source("shapes").fingerprint() == "3d21f36765495bdd"
+    assert open_source("shapes?n=5&sample=2").fingerprint() != open_source("shapes?n=5").fingerprint()
 
 
 def test_partitions_deterministic_and_cover_everything(class_folder):
