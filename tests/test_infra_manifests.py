@@ -237,7 +237,7 @@ def test_dockerfile_works_with_the_launcher_and_checks_the_installed_package(nam
     for pkg in [p.strip().strip('"').rstrip("*") for p in include.split(",") if p.strip()]:
         assert any(k == "COPY" and a.startswith(f"{pkg} ") for k, a in ins), f"{name} does not COPY {pkg}/"
     # the import check runs outside the source tree, after it is gone, and asserts site-packages
-    install = next(a for k, a in ins if k == "RUN" and 'pip install ".[' in a)
+    install = next(a for k, a in ins if k == "RUN" and re.match(r"pip install \.( |$)", a))
     src = [a for k, a in ins if k == "WORKDIR"][0]
     steps = [s.strip() for s in install.split("&&")]
     i_cd, i_rm = steps.index("cd /"), steps.index(f"rm -rf {src}")
