@@ -93,7 +93,7 @@ def machine() -> dict:
     return info
 
 
-def reference_rate(tok_dir: str, spec: str, views: int, batch_size: int, device: str) -> tuple[float, dict]:
+def reference_rate(tok_dir: str, spec: str, views: int, batch_size: int, device: str, style=None) -> tuple[float, dict]:
     """Raw batched encode: views rendered beforehand, only ``encode`` timed (after a warm-up)."""
     import numpy as np
     import torch
@@ -109,7 +109,7 @@ def reference_rate(tok_dir: str, spec: str, views: int, batch_size: int, device:
         tok.eval()
     items = list(open_source(spec))
     t0 = time.perf_counter()
-    prepared = [_prepare(it, views, 0, int(tok.input_size)) for it in items]
+    prepared = [_prepare(it, views, 0, int(tok.input_size), style) for it in items]
     prep_s = time.perf_counter() - t0
     pixels = np.concatenate([p.pixels for p in prepared])
     batches = [
