@@ -219,7 +219,7 @@ def codebook_report_line(tok_dir: str, out_root: str, report_dir: Path) -> dict:
     return {"bench": "codebook_report_imported", "figure": round(fig, 3), "reference": round(ref, 3),
             "ratio": round(fig / ref, 3), "target": None, "unit": "seconds per million tokens",
             "report_seconds": round(seconds, 2), "tokens": tokens, "phases": rep.get("timing"),
-            "usage": {k: rep["usage"].get(k) for k in ("used", "usage", "perplexity") if k in rep["usage"]},
+            "usage": {k: rep["usage"].get(k) for k in ("codes_used", "used_fraction", "perplexity")},
             "agreement": rep.get("agreement", {}).get("agreement"), "kind": info.kind, "vocab": info.vocab_size}
 
 
