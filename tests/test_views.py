@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -132,3 +133,24 @@ def test_cache_info_without_a_view_style_is_an_old_cache_with_the_default_style(
     del doc["seed"]
     with pytest.raises(CacheError, match="missing \\['seed'\\]"):
         CacheInfo.from_json(json.dumps(doc), "m")
+
+
+def test_a_finished_shard_is_kept_only_for_the_same_view_style(tmp_path):
+    from pipeline.sources import Sample
+    from pipeline.token_cache import file_sha256
+    from tokenizer.cache_records import BuildParams, partition_digest, shard_current
+
+    (tmp_path / "shard-000000.tar").write_bytes(b"x" * 10)
+    params = BuildParams(tokenizer_dir="t", tokenizer_id="id", source_spec="s", source_fingerprint="f",
+                         cache_dir=str(tmp_path), views=4, seed=0, batch_size=8, partitions=1)
+    beit = replace(params, style=BEIT)
+    items = [Sample("k", b"img", "png", None, "o")]
+    # a record written before view styles existed (no view_style key) is of the default style
+    rec = {"tokenizer_id": "id", "views": 4, "seed": 0, "partitions": 1, "source_fingerprint": "f",
+           "shard": "shard-000000.tar", "sha256": file_sha256(str(tmp_path / "shard-000000.tar")),
+           "digest": partition_digest(items, params, 16)}
+    assert shard_current(rec, params) and shard_current(rec, params, rec["digest"])
+    assert not shard_current(rec, beit)
+    assert partition_digest(items, beit, 16) != rec["digest"]
+    assert shard_current({**rec, "view_style": BEIT.key(), "digest": partition_digest(items, beit, 16)}, beit,
+                         partition_digest(items, beit, 16))
