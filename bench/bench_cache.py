@@ -1,6 +1,8 @@
 """Token-cache build throughput against the tokenizer's raw batched encode, same machine, same data.
 
     python bench/bench_cache.py --size cpu      # or: gpu
+    python bench/bench_cache.py --size cpu --model dall-e --views 2             # the imported DALL-E (112 px)
+    python bench/bench_cache.py --size cpu --model beitv2-vqkd --views 2 --codebook-report  # the imported VQ-KD (224 px)
 
 * ``reference``: images/s of ``tok.encode`` alone over batches of views pre-rendered in memory (all
   of this process's threads on CPU, or the GPU); measured before and after the build, the faster kept.
@@ -13,6 +15,12 @@
 
 Prints one JSON line. ``breakdown`` is a single-process profile of the per-image stages (seconds per
 image), to see where the rest goes.
+
+``--model dall-e`` / ``beitv2-vqkd``: the released architectures (``tokenizer/released/``) with the released
+shapes and random weights, at their own input size, with their paper's views (``--style``: crop scale,
+jitter 0.4, Lanczos / bicubic tokenizer side; jitter shows with ``--views`` > 1). ``--codebook-report`` then
+also times ``mimflow codebook report`` (with the tokenizer: FAISS agreement on re-encoded views) on the
+cache just built, as a second line.
 """
 
 from __future__ import annotations
@@ -62,7 +70,24 @@ MODELS = {
     # cache's own costs (decode, views, tars, actor start) weigh the most
     "vqkd-demo": lambda size: dict(kind="vqkd", vocab_size=256, grid=8, input_size=64, width=64, depth=2,
                                    num_heads=4, mlp_ratio=2.0, code_dim=32, mean=(0.5,) * 3, std=(0.5,) * 3),
+    # OpenAI's DALL-E encoder as released (encoder.pkl: n_hid 256, 2 blocks per group, vocab 8192) at
+    # BEiT v1's 112 px, no decoder; what `mimflow tokenizer import dalle-dvae` builds
+    "dall-e": lambda size: dict(kind="dvae", arch="dall-e", vocab_size=8192, grid=14, input_size=112,
+                                mean=(-0.125,) * 3, std=(1.25,) * 3, width=256, depth=2, code_dim=1,
+                                decoder_width=0, decoder_depth=0),
+    # BEiT v2's VQ-KD encoder as released (ViT-B/16 at 224 px, 8192 codes of 32 dims)
+    "beitv2-vqkd": lambda size: dict(kind="vqkd", arch="beitv2", vocab_size=8192, grid=14, input_size=224,
+                                     mean=(0.5,) * 3, std=(0.5,) * 3, width=768, depth=12, num_heads=12,
+                                     mlp_ratio=4.0, code_dim=32),
 }
+# the papers' views (pipeline.views.ViewStyle fields) per model: beit/datasets.py, beit2 PRETRAINING.md
+STYLES = {
+    "default": {},
+    "beit": {"scale": (0.08, 1.0), "jitter": 0.4, "interp": "bicubic", "tok_interp": "lanczos"},
+    "beitv2": {"scale": (0.2, 1.0), "jitter": 0.4, "interp": "bicubic", "tok_interp": "bicubic"},
+}
+MODEL_STYLE = {"dall-e": "beit", "beitv2-vqkd": "beitv2"}
+CPU_IMAGES = {"dall-e": 16, "beitv2-vqkd": 24}  # --size cpu: a row in under 3 minutes on 2 cores
 
 
 def make_bench_tokenizer(path: Path, model: str, input_size: int) -> str:
@@ -93,7 +118,7 @@ def machine() -> dict:
     return info
 
 
-def reference_rate(tok_dir: str, spec: str, views: int, batch_size: int, device: str) -> tuple[float, dict]:
+def reference_rate(tok_dir: str, spec: str, views: int, batch_size: int, device: str, style=None) -> tuple[float, dict]:
     """Raw batched encode: views rendered beforehand, only ``encode`` timed (after a warm-up)."""
     import numpy as np
     import torch
@@ -106,7 +131,7 @@ def reference_rate(tok_dir: str, spec: str, views: int, batch_size: int, device:
     tok = tok.to(device).eval()
     items = list(open_source(spec))
     t0 = time.perf_counter()
-    prepared = [_prepare(it, views, 0, int(tok.input_size)) for it in items]
+    prepared = [_prepare(it, views, 0, int(tok.input_size), style) for it in items]
     prep_s = time.perf_counter() - t0
     pixels = np.concatenate([p.pixels for p in prepared])
     batches = [
@@ -143,13 +168,15 @@ def reference_rate(tok_dir: str, spec: str, views: int, batch_size: int, device:
     return n / encode_s, breakdown
 
 
-def build_rate(tok_dir: str, spec: str, out: str, views: int, batch_size: int, actors: int | None) -> tuple[float, dict]:
+def build_rate(tok_dir: str, spec: str, out: str, views: int, batch_size: int, actors: int | None,
+               style=None) -> tuple[float, dict]:
     import ray
 
     from tokenizer.precompute import build_cache
 
     t0 = time.perf_counter()
-    report = build_cache(tok_dir, spec, out, views, batch_size=batch_size, num_actors=actors, progress_every=30.0)
+    report = build_cache(tok_dir, spec, out, views, batch_size=batch_size, num_actors=actors, progress_every=30.0,
+                         style=style)
     seconds = time.perf_counter() - t0
     assert report.encoded == report.partitions, "the bench cache must be built from scratch"
     res = ray.cluster_resources()
@@ -163,6 +190,36 @@ def build_rate(tok_dir: str, spec: str, out: str, views: int, batch_size: int, a
     }
 
 
+def codebook_report_line(tok_dir: str, out_root: str, report_dir: Path) -> dict:
+    """``codebook_report`` with the tokenizer on the cache just built (Ray already started): seconds per
+    million tokens against a bare serial scan (read every shard, bincount), as bench_faiss measures it."""
+    import numpy as np
+
+    from eval.codebook.report import codebook_report
+    from pipeline.token_cache import check_cache, read_shard, shard_urls, tokens_from_npy
+    from tokenizer.checkpoint import tokenizer_id
+
+    cache = str(Path(out_root) / tokenizer_id(tok_dir))
+    info, rows = check_cache(cache)
+    t0 = time.perf_counter()
+    counts = np.zeros(info.vocab_size, np.int64)
+    for url in shard_urls(cache, rows):
+        for sample in read_shard(url):
+            counts += np.bincount(tokens_from_npy(sample["tokens.npy"]).ravel(), minlength=info.vocab_size)
+    bare = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rep = codebook_report(cache, str(report_dir), tokenizer_dir=tok_dir, sample=16, quiet=True)
+    seconds = time.perf_counter() - t0
+    tokens = int(counts.sum())
+    assert rep["usage"]["tokens"] == tokens
+    fig, ref = seconds / tokens * 1e6, bare / tokens * 1e6
+    return {"bench": "codebook_report_imported", "figure": round(fig, 3), "reference": round(ref, 3),
+            "ratio": round(fig / ref, 3), "target": None, "unit": "seconds per million tokens",
+            "report_seconds": round(seconds, 2), "tokens": tokens, "phases": rep.get("timing"),
+            "usage": {k: rep["usage"].get(k) for k in ("codes_used", "used_fraction", "perplexity")},
+            "agreement": rep.get("agreement", {}).get("agreement"), "kind": info.kind, "vocab": info.vocab_size}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_cache", description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
@@ -171,6 +228,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--actors", type=int, default=None, help="cache actors (default: the build's default)")
     parser.add_argument("--views", type=int, default=None)
+    parser.add_argument("--style", choices=sorted(STYLES), default=None,
+                        help="views drawn as in this paper (default: the model's paper for the released ones)")
+    parser.add_argument("--codebook-report", action="store_true",
+                        help="also time the codebook report (with the tokenizer) on the cache built")
     parser.add_argument("--workdir", default=None, help="keep data and caches here (default: a temp dir)")
     parser.add_argument("--json-out", default=None, help="also append the JSON line to this file")
     args = parser.parse_args(argv)
@@ -178,7 +239,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     import ray
     import torch
 
+    from pipeline.views import ViewStyle
+
     size = dict(SIZES[args.size])
+    if args.size == "cpu" and args.model in CPU_IMAGES:
+        size["images"] = CPU_IMAGES[args.model]
+    style_name = args.style or MODEL_STYLE.get(args.model, "default")
+    style = ViewStyle(**STYLES[style_name])
+    report_line = None
     for k in ("images", "batch_size", "actors", "views"):
         if getattr(args, k, None) is not None:
             size[k] = getattr(args, k)
@@ -190,16 +258,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         spec = make_images(work / "images", size["images"], size["image_px"])
         tok_dir = make_bench_tokenizer(work / "tokenizer", args.model, size["input_size"])
-        before, breakdown = reference_rate(tok_dir, spec, size["views"], size["batch_size"], device)
+        size["input_size"] = json.loads((Path(tok_dir) / "config.json").read_text())["input_size"]
+        before, breakdown = reference_rate(tok_dir, spec, size["views"], size["batch_size"], device, style)
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True, configure_logging=False)
         try:
             out = work / f"cache-{time.time_ns()}"
-            figure, extra = build_rate(tok_dir, spec, str(out), size["views"], size["batch_size"], size.get("actors"))
+            figure, extra = build_rate(tok_dir, spec, str(out), size["views"], size["batch_size"], size.get("actors"),
+                                       style)
+            if args.codebook_report:
+                report_line = codebook_report_line(tok_dir, str(out), work / "report")
         finally:
             ray.shutdown()
         # Measured again after the build, and the better of the two kept: a shared machine's load
         # drifts, and the conservative reference is the faster one.
-        after, _ = reference_rate(tok_dir, spec, size["views"], size["batch_size"], device)
+        after, _ = reference_rate(tok_dir, spec, size["views"], size["batch_size"], device, style)
         reference = max(before, after)
         extra["reference_before_after"] = [round(before, 2), round(after, 2)]
         if device == "cpu":
@@ -207,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
-                one, _ = reference_rate(tok_dir, spec, size["views"], size["batch_size"], device)
+                one, _ = reference_rate(tok_dir, spec, size["views"], size["batch_size"], device, style)
             finally:
                 torch.set_num_threads(threads)
             cores = os.cpu_count() or 1
@@ -223,16 +295,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ratio": round(figure / reference, 3),
         "target": 0.8,
         "unit": "images/s",
-        "sizes": {"size": args.size, "model": args.model, **size},
+        "sizes": {"size": args.size, "model": args.model, "style": style_name, **size},
         "machine": machine(),
         "build": extra,
         "breakdown": {k: round(v, 6) for k, v in breakdown.items()},
     }
-    text = json.dumps(line)
-    print(text, flush=True)
-    if args.json_out:
-        with open(args.json_out, "a") as f:
-            f.write(text + "\n")
+    for row in (line, report_line):
+        if row is None:
+            continue
+        text = json.dumps(row)
+        print(text, flush=True)
+        if args.json_out:
+            with open(args.json_out, "a") as f:
+                f.write(text + "\n")
     return 0
 
 

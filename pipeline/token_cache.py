@@ -18,7 +18,7 @@ import hashlib
 import io
 import json
 import tarfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -84,6 +84,7 @@ class CacheInfo:
     errors_file: str
     classes: list[str] | None
     created: str
+    view_style: str = ""  # ViewStyle.key(); "" = the default (and what caches made before it had)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -98,11 +99,14 @@ class CacheInfo:
         if not isinstance(doc, dict):
             raise CacheError(f"{where}: cache info is not a JSON object")
         names = {f.name for f in fields(cls)}
-        missing, unknown = sorted(names - set(doc)), sorted(set(doc) - names)
+        optional = {f.name for f in fields(cls) if f.default is not MISSING}  # added later: older caches lack them
+        missing, unknown = sorted(names - optional - set(doc)), sorted(set(doc) - names)
         if missing or unknown:
             what = "; ".join(x for x in (missing and f"missing {missing}", unknown and f"unknown {unknown}") if x)
             raise CacheError(f"{where}: cache info has {what}; rebuild it with `mimflow tokens refresh`")
         for f in fields(cls):
+            if f.name not in doc:
+                continue
             v = doc[f.name]
             ok = {
                 "int": isinstance(v, int) and not isinstance(v, bool),

@@ -38,7 +38,7 @@ from pipeline.config import PATH, Range
 from pipeline.images import decode_rgb
 from pipeline.tensors import pixels
 from pipeline.token_cache import CacheError, decode_sample
-from pipeline.views import random_resized_crop, render_view
+from pipeline.views import Interpolation, ViewStyle, draw_view, render_view
 
 AUGMENTS = ("views", "random_resized_crop")
 
@@ -55,6 +55,10 @@ class DataConfig:
     shuffle_buffer: Annotated[int, Range(ge=0)] = 2000  # samples, per loader process
     augment: Literal["views", "random_resized_crop"] = "views"  # views | random_resized_crop (tokens-online and pixels only)
     crop_scale: Annotated[list[float], Range(gt=0, le=1)] = field(default_factory=lambda: [0.2, 1.0])  # random_resized_crop area range
+    # random_resized_crop's jitter and each side's resampling (augment: views takes them from the cache's views)
+    jitter: Annotated[float, Range(ge=0, le=1)] = 0.0  # colour-jitter strength (brightness, contrast, saturation)
+    interp: Interpolation = "bicubic"  # the ViT's input
+    tok_interp: Interpolation = "bicubic"  # the tokenizer's input (tokens-online)
     prefetch: Annotated[int, Range(ge=1)] = 2  # batches prefetched per loader process
     verify_shards: bool = False  # check each shard's sha256 (from the manifest) as it is opened
 
@@ -63,6 +67,10 @@ class DataConfig:
             raise ValueError(f"mean and std: need 3 values each, got {self.mean} / {self.std}")
         if len(self.crop_scale) != 2 or self.crop_scale[0] > self.crop_scale[1]:
             raise ValueError(f"crop_scale: must be [lo, hi] with lo <= hi, got {self.crop_scale}")
+
+    def view_style(self) -> ViewStyle:
+        """The style of ``augment: random_resized_crop``'s fresh views."""
+        return ViewStyle(tuple(self.crop_scale), self.jitter, self.interp, self.tok_interp)
 
 
 def _unreadable(url: Any, key: Any, why: object) -> CacheError:
@@ -111,10 +119,11 @@ class SampleTransform:
     """Cache sample → ``{"image", "mask", "tokens" | "tok_image"}``; runs in loader workers (picklable).
 
     Images stay uint8 ``[3, H, W]`` here (the step normalises them on its device: ``pipeline.tensors.normalize``).
+    ``style`` draws the fresh views of ``augment: random_resized_crop`` (default: crop scale 0.2..1, no jitter).
     """
 
     def __init__(self, *, img_size: int, masker, target: str = "tokens",
-                 tok_input_size: int | None = None, augment: str = "views", crop_scale=(0.2, 1.0),
+                 tok_input_size: int | None = None, augment: str = "views", style: ViewStyle | None = None,
                  seed: int = 0, rank: int = 0, salt: int = 0, vocab_size: int | None = None):
         if augment not in AUGMENTS:
             raise ValueError(f"data.augment must be one of {AUGMENTS}, got {augment!r}")
@@ -129,7 +138,7 @@ class SampleTransform:
         self.target = target
         self.tok_input_size = tok_input_size
         self.augment = augment
-        self.crop_scale = tuple(crop_scale)
+        self.style = style or ViewStyle(scale=(0.2, 1.0))
         self.seed = (int(seed), int(rank), int(salt))
         self._rng: np.random.Generator | None = None
         self._crop_rng: random.Random | None = None  # what pipeline.views draws crops with
@@ -167,13 +176,13 @@ class SampleTransform:
             v = int(rng.integers(len(sample.views)))
             view = sample.views[v]
         else:
-            v, view = -1, random_resized_crop(self._crop_rng, img.width, img.height, self.crop_scale)
+            v, view = -1, draw_view(self._crop_rng, img.width, img.height, self.style)
         out = {"image": pixels(render_view(img, view, self.img_size)),
                "mask": torch.from_numpy(self.masker(rng).reshape(-1))}
         if self.target == "tokens":
             out["tokens"] = torch.from_numpy(sample.tokens[v].astype(np.int64))
         elif self.target == "tokens-online":
-            out["tok_image"] = pixels(render_view(img, view, self.tok_input_size))  # the tokenizer takes uint8
+            out["tok_image"] = pixels(render_view(img, view, self.tok_input_size, "tokenizer"))  # uint8 too
         return out
 
 

@@ -67,7 +67,7 @@ def _loader(plan: RunPlan, env: WorkerEnv, start_step: int):
         return []
     transform = SampleTransform(
         img_size=cfg.data.img_size, masker=plan.masker, target=cfg.target, tok_input_size=plan.tok_input_size,
-        augment=cfg.data.augment, crop_scale=cfg.data.crop_scale, seed=cfg.seed, rank=env.rank, salt=start_step,
+        augment=cfg.data.augment, style=cfg.data.view_style(), seed=cfg.seed, rank=env.rank, salt=start_step,
         vocab_size=plan.vocab_size if cfg.target == "tokens" else None,
     )
     dataset = make_dataset(plan.urls, transform, plan.per_worker_batch, shuffle_buffer=cfg.data.shuffle_buffer,

@@ -166,3 +166,77 @@ def test_pretraining_from_an_imported_cache_and_tokens_online_agree(vqkd_cache):
     assert result.metrics["step"] == 2
     steps = [r for r in read_metrics(str(root / "runs" / "tokens-online")) if r["kind"] == "step"]
     assert [r["step"] for r in steps] == [1, 2] and all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in steps)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.slow
+def test_jittered_views_builder_and_loader_render_the_same_pixels_and_tokens_online_agrees(ray_local, tmp_path):
+    """BEiT v1's views (jitter 0.4, crop 0.08-1, lanczos tokenizer side) with an imported DALL-E: the ids in
+    the cache are the reference forward on render_view's pixels, the pretraining loader rebuilds exactly
+    those pixels, and tokens-online gives the cached ids back (100%)."""
+    from mimflow.cli import main
+    from pipeline.images import decode_rgb, encode_png
+    from pipeline.tensors import pixels
+    from pipeline.token_cache import check_cache, decode_sample, read_cache_info, read_shard, shard_urls
+    from pipeline.views import View, render_view
+    from pretrain.data import SampleTransform
+    from pretrain.masking import make_masker
+    from tokenizer.checkpoint import load_tokenizer, tokenizer_id
+
+    torch.manual_seed(0)
+    enc = Encoder(n_hid=8, n_blk_per_group=1, vocab_size=64)
+    save_dalle(tmp_path / "encoder.pkl", enc)
+    (tmp_path / "imgs").mkdir()
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[0:40, 0:52] / 40
+    for i in range(6):  # not square, not at either size: every view is cropped and resampled
+        c = rng.random((3, 3))
+        img = np.stack([c[0, k] + c[1, k] * np.sin(5 * xx + i) + c[2, k] * np.cos(4 * yy * (k + 1)) for k in range(3)], -1)
+        (tmp_path / "imgs" / f"img{i}.png").write_bytes(encode_png((255 * (img - img.min()) / np.ptp(img)).astype(np.uint8)))
+    tok_dir = str(tmp_path / "tok")
+    assert main(["tokenizer", "import", "dalle-dvae", str(tmp_path / "encoder.pkl"), "--input-size", str(SIZE),
+                 "--out", tok_dir]) == 0
+    assert main(["tokens", "build", "--tokenizer", tok_dir, "--source", f"{tmp_path / 'imgs'}?partition_size=3",
+                 "--out", str(tmp_path / "tokens"), "--views", "3", "--actors", "1", "--jitter", "0.4",
+                 "--crop-scale", "0.08", "1", "--tok-interp", "lanczos"]) == 0
+    cache = str(tmp_path / "tokens" / tokenizer_id(tok_dir))
+    assert read_cache_info(cache).view_style == "scale=0.08:1,jitter=0.4,interp=bicubic,tok_interp=lanczos"
+    tok = load_tokenizer(tok_dir)
+    _, rows = check_cache(cache)
+    raws = [r for url in shard_urls(cache, rows) for r in read_shard(url)]
+    assert len(raws) == 6
+
+    # the builder: every cached view's ids are the reference forward on render_view's tokenizer-side pixels
+    rendered, ids = [], []
+    for raw in raws:
+        s = decode_sample(raw)
+        img = decode_rgb(s.image)
+        for v, view in enumerate(s.views):
+            assert len(view.jitter) == 3 and view.tok_interp == "lanczos"
+            px = render_view(img, view, SIZE, "tokenizer")
+            plain = render_view(img, View(view.box, view.flip, (), view.interp, view.tok_interp), SIZE, "tokenizer")
+            assert not np.array_equal(np.asarray(px), np.asarray(plain))  # the jitter is in the tokens' pixels
+            rendered.append(np.asarray(px))
+            ids.append(s.tokens[v])
+    x = torch.from_numpy(np.stack(rendered)).permute(0, 3, 1, 2).float() / 255.0
+    ref = dalle_reference_logits(enc.state_dict(), x, 1).argmax(dim=1).numpy()
+    assert len(np.unique(ref)) > 3
+    assert np.array_equal(np.stack(ids), ref)
+
+    # the loader: its images are render_view of one recorded view (image side, 48 px bicubic; tokenizer side
+    # at 32 px lanczos), and tokens-online encodes them into exactly that view's cached ids
+    masker = make_masker("block", (4, 4), 4, min_block=2)
+    online = SampleTransform(img_size=48, masker=masker, target="tokens-online", tok_input_size=SIZE)
+    tok_images, cached = [], []
+    for _ in range(3):  # each pass picks views at random
+        for raw in raws:
+            out = online(raw)
+            s = decode_sample(raw)
+            img = decode_rgb(s.image)
+            match = [v for v, view in enumerate(s.views) if torch.equal(out["image"], pixels(render_view(img, view, 48)))]
+            assert len(match) == 1
+            assert torch.equal(out["tok_image"], pixels(render_view(img, s.views[match[0]], SIZE, "tokenizer")))
+            tok_images.append(out["tok_image"])
+            cached.append(torch.from_numpy(s.tokens[match[0]].astype(np.int64)))
+    got = tok.encode(torch.stack(tok_images).float() / 255.0)
+    assert torch.equal(got, torch.stack(cached))  # 100% agreement

@@ -8,7 +8,24 @@ from __future__ import annotations
 import argparse
 import json
 
+from pipeline.errors import ConfigError
+from pipeline.views import INTERPOLATIONS, ViewStyle
+
 SOURCE_HELP = "source spec: a folder, WebDataset tars (s-{000..009}.tar), idx:DIR or shapes?n=..&size=.."
+
+
+def _style_changes(args: argparse.Namespace) -> dict:
+    """The view-style flags given (refresh: the ones to change; build: over the defaults)."""
+    scale = tuple(args.crop_scale) if args.crop_scale is not None else None
+    changes = {"scale": scale, "jitter": args.jitter, "interp": args.interp, "tok_interp": args.tok_interp}
+    return {k: v for k, v in changes.items() if v is not None}
+
+
+def _style(args: argparse.Namespace) -> ViewStyle:
+    try:
+        return ViewStyle().with_(**_style_changes(args))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -25,6 +42,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         address=args.address,
         num_cpus=args.num_cpus,
         progress_every=args.progress_every,
+        style=_style(args),
     )
     print(report.cache_dir)
     return 0
@@ -33,6 +51,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_refresh(args: argparse.Namespace) -> int:
     from tokenizer.cache_ops import refresh
 
+    _style(args)  # the flags are checked here; refresh applies them over the last cache's style
     report = refresh(
         args.tokenizer,
         args.out,
@@ -45,6 +64,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
         num_cpus=args.num_cpus,
         gc=args.gc,
         progress_every=args.progress_every,
+        style=_style_changes(args),
     )
     print(report.cache_dir)
     return 0
@@ -110,6 +130,16 @@ def _build_args(p: argparse.ArgumentParser, refresh: bool) -> None:
         + (" (default: as the last cache)" if refresh else " (default: 1)"),
     )
     p.add_argument("--seed", type=int, default=None if refresh else 0, help="seed of the views")
+    as_last = " (default: as the last cache)" if refresh else ""
+    p.add_argument("--crop-scale", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="area range of the random views' crops" + (as_last or " (default: 0.4 1)"))
+    p.add_argument("--jitter", type=float, default=None,
+                   help="colour-jitter strength of brightness, contrast and saturation for random views "
+                   "(BEiT: 0.4)" + (as_last or " (default: 0, none)"))
+    p.add_argument("--interp", choices=sorted(INTERPOLATIONS), default=None,
+                   help="resampling of the image side, what the ViT sees" + (as_last or " (default: bicubic)"))
+    p.add_argument("--tok-interp", choices=sorted(INTERPOLATIONS), default=None,
+                   help="resampling of the tokenizer side (BEiT with DALL-E: lanczos)" + (as_last or " (default: bicubic)"))
     p.add_argument("--batch-size", type=int, default=64, help="views per encode batch (default: 64)")
     p.add_argument("--actors", type=int, default=None, help="encoding actors (default: one per GPU, else per CPU)")
     p.add_argument("--progress-every", type=float, default=5.0, help="seconds between progress lines")

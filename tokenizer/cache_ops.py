@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.token_cache import MANIFEST, CacheError, CacheInfo, read_cache_info, read_manifest
+from pipeline.views import ViewStyle
 from tokenizer.cache_records import BUILD_DIR, LEGACY, OWN_FILE, RECORD, load_records, remove_temporaries
 
 
@@ -69,8 +70,10 @@ def refresh(
     num_cpus: int | None = None,
     gc: bool = False,
     progress_every: float = 5.0,
+    style: dict[str, Any] | None = None,
 ) -> RefreshReport:
-    """Bring ``out_root/<tokenizer_id>`` up to date; source, views and seed default to the last cache's."""
+    """Bring ``out_root/<tokenizer_id>`` up to date; source, views, seed and view style default to the
+    last cache's (``style``: the ``ViewStyle`` fields to change, e.g. ``{"jitter": 0.4}``)."""
     from pipeline.sources import open_source
     from tokenizer.checkpoint import tokenizer_id
     from tokenizer.precompute import build_cache
@@ -88,6 +91,7 @@ def refresh(
         views = template.info.views if template else 1
     if seed is None:
         seed = template.info.seed if template else 0
+    view_style = (ViewStyle.parse(template.info.view_style) if template else ViewStyle()).with_(**(style or {}))
 
     if current is None or current.info is None:
         reason = "no cache for this tokenizer yet" if current is None else "the last build did not finish"
@@ -100,8 +104,8 @@ def refresh(
             reason = f"source changed: {info.source!r} -> {source_spec!r}"
         elif info.source_fingerprint != fingerprint:
             reason = f"source content changed (fingerprint {info.source_fingerprint} -> {fingerprint})"
-        elif (info.views, info.seed) != (views, seed):
-            reason = "views or seed changed"
+        elif (info.views, info.seed, info.view_style) != (views, seed, view_style.key()):
+            reason = "views, seed or view style changed"
         else:
             reason = "unchanged"
     print(f"tokens refresh: {reason}", flush=True)
@@ -116,6 +120,7 @@ def refresh(
         address=address,
         num_cpus=num_cpus,
         progress_every=progress_every,
+        style=view_style,
     )
     report = RefreshReport(
         build.cache_dir,

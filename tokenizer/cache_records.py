@@ -2,7 +2,7 @@
 
 A partition's record ``_build/part-<index>-<digest>.json`` is written after its shard. The digest
 covers the partition's content (keys, labels, sha256 of every image's bytes) and the parameters its
-tokens depend on (tokenizer, input size, views, seed), so a record names exactly the shard that the
+tokens depend on (tokenizer, input size, views, seed, view style), so a record names exactly the shard that the
 same input would produce again. ``shard_current`` is the one rule deciding whether a record's shard
 may be kept: the same build parameters, the same content, and the shard file's sha256 equal to the
 record's (content, never size: a file name can be reused for other bytes).
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from pipeline import storage
+from pipeline.views import ViewStyle
 
 BUILD_DIR = "_build"  # per-partition completion records
 RECORD = re.compile(r"part-\d{6}-[0-9a-f]{16}\.json")
@@ -38,6 +39,7 @@ class BuildParams:
     batch_size: int
     partitions: int  # the cache's partition count (fixed for its life)
     committed: frozenset = frozenset()  # shard names the committed manifest lists
+    style: ViewStyle = ViewStyle()  # how views are drawn and rendered (crop scale, jitter, interpolations)
 
 
 # Every file name a build writes in a cache directory (and their temporaries): the only ones gc removes.
@@ -71,6 +73,8 @@ def partition_digest(items: Iterable, params: BuildParams, input_size: int) -> s
     from pipeline.sources import Sample
 
     h = hashlib.sha256(f"{DIGEST_VERSION}\n{params.tokenizer_id}\n{input_size}\n{params.views}\n{params.seed}\n".encode())
+    if params.style.key():  # the default style adds nothing: digests of caches made before styles still match
+        h.update(f"style\t{params.style.key()}\n".encode())
     for item in items:
         if isinstance(item, Sample):
             line = f"S\t{item.key}\t{item.fmt}\t{item.label}\t{hashlib.sha256(item.data).hexdigest()}\n"
@@ -111,11 +115,13 @@ def shard_current(rec: dict[str, Any], params: BuildParams, digest: str | None =
     """
     from pipeline.token_cache import file_sha256
 
-    same = (rec.get("tokenizer_id"), rec.get("views"), rec.get("seed"), rec.get("partitions")) == (
+    same = (rec.get("tokenizer_id"), rec.get("views"), rec.get("seed"), rec.get("partitions"),
+            rec.get("view_style", "")) == (
         params.tokenizer_id,
         params.views,
         params.seed,
         params.partitions,
+        params.style.key(),
     )
     if not same:
         return False

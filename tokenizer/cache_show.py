@@ -94,7 +94,7 @@ def show_rows(
     for s in samples:
         img = decode_rgb(s.image)
         for v, view in enumerate(s.views[:max_views]):
-            rows.append(ShownRow(s.key, v, s.label, render_view(img, view, size), s.tokens[v]))
+            rows.append(ShownRow(s.key, v, s.label, render_view(img, view, size, "tokenizer"), s.tokens[v]))
     if tok is not None and rows:
         import torch
 

@@ -45,7 +45,7 @@ class _Prepared:
     error: tuple[str, str] | None = None  # (origin, reason)
 
 
-def _prepare(item, num_views: int, seed: int, size: int) -> _Prepared:
+def _prepare(item, num_views: int, seed: int, size: int, style) -> _Prepared:
     """Decode once, draw the views, render each at the tokenizer's input size (uint8 HWC)."""
     from pipeline.images import BadImageError, decode_rgb
     from pipeline.sources import BadInput
@@ -57,9 +57,9 @@ def _prepare(item, num_views: int, seed: int, size: int) -> _Prepared:
         img = decode_rgb(item.data)
     except BadImageError as e:
         return _Prepared(item.key, b"", "", None, 0, 0, [], None, (item.origin, e.reason))
-    views = make_views(item.key, img.width, img.height, num_views, seed=seed)
+    views = make_views(item.key, img.width, img.height, num_views, seed=seed, style=style)
     # np.asarray(render_view(...)) is exactly what pipeline.images.to_tensor starts from.
-    pixels = np.stack([np.asarray(render_view(img, v, size), dtype=np.uint8) for v in views])
+    pixels = np.stack([np.asarray(render_view(img, v, size, "tokenizer"), dtype=np.uint8) for v in views])
     return _Prepared(item.key, item.data, item.fmt, item.label, img.width, img.height, views, pixels)
 
 
@@ -126,7 +126,7 @@ class PartitionEncoder:
         """(shard samples in source order, error rows, images encoded)."""
         size, bs = int(self.tok.input_size), max(1, self.params.batch_size)
         prepared = _prefetch(
-            lambda it: _prepare(it, self.params.views, self.params.seed, size),
+            lambda it: _prepare(it, self.params.views, self.params.seed, size, self.params.style),
             items,
             self.prep_threads,
             depth=2 * bs,
@@ -203,6 +203,7 @@ class PartitionEncoder:
             "source_fingerprint": p.source_fingerprint,
             "views": p.views,
             "seed": p.seed,
+            "view_style": p.style.key(),
             "created": int(time.time()),
             "worker": {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.device)},
         }

@@ -50,6 +50,7 @@ from pipeline.token_cache import (
     read_cache_info,
     read_manifest,
 )
+from pipeline.views import ViewStyle
 from tokenizer.cache_records import BuildParams, load_records, remove_temporaries, shard_current
 from tokenizer.cache_worker import TokenWorker
 
@@ -179,6 +180,7 @@ def build_cache(
     address: str | None = None,
     num_cpus: int | None = None,
     progress_every: float = 5.0,
+    style: ViewStyle | None = None,
 ) -> BuildReport:
     """Build (or resume, or bring up to date) the token cache ``out_root/<tokenizer_id>``; says what was done."""
     from pipeline.ray_context import ray_session
@@ -187,6 +189,7 @@ def build_cache(
 
     if views < 1:
         raise ValueError(f"views must be >= 1, got {views}")
+    style = style or ViewStyle()
     t0 = time.perf_counter()
     tokenizer_dir = str(tokenizer_dir) if storage.is_uri(tokenizer_dir) else os.path.abspath(tokenizer_dir)
     tok = load_tokenizer(tokenizer_dir)
@@ -197,10 +200,11 @@ def build_cache(
     storage.makedirs(cache_dir)
 
     info, committed = _committed(cache_dir)
-    if info is not None and (info.views, info.seed) != (views, seed):
+    if info is not None and (info.views, info.seed, info.view_style) != (views, seed, style.key()):
         raise CacheError(
-            f"{cache_dir} holds a cache with views={info.views}, seed={info.seed}; a cache with "
-            f"views={views}, seed={seed} needs another --out (or remove the old one)"
+            f"{cache_dir} holds a cache with views={info.views}, seed={info.seed}, view style "
+            f"{info.view_style or 'default'!r}; a cache with views={views}, seed={seed}, view style "
+            f"{style.key() or 'default'!r} needs another --out (or remove the old one)"
         )
     records = load_records(cache_dir)
     count = _partition_count(info, records, source)
@@ -216,6 +220,7 @@ def build_cache(
         batch_size=batch_size,
         partitions=count,
         committed=frozenset(r["shard"] for r in committed),
+        style=style,
     )
     done: dict[int, dict] = {}
     for rec in sorted(records, key=lambda r: r.get("created", 0), reverse=True):  # the newest current one
@@ -229,7 +234,7 @@ def build_cache(
     if todo:
         print(
             f"tokens: {source.describe()}; tokenizer {tok_id} ({tok.kind}, vocab {tok.vocab_size}, "
-            f"grid {tuple(tok.grid)}, {tok.input_size}px); {views} view(s); {len(done)} of {len(parts)} shards "
+            f"grid {tuple(tok.grid)}, {tok.input_size}px); {views} view(s){' ' + style.key() if style.key() else ''}; {len(done)} of {len(parts)} shards "
             f"already done -> {cache_dir}",
             flush=True,
         )
@@ -350,6 +355,7 @@ def _plan_commit(tok, source, params: BuildParams, parts, done: dict[int, dict],
         errors_file=errors_name(errors),
         classes=source.classes,
         created=created.isoformat(),
+        view_style=params.style.key(),
     )
     return info, rows, errors
 

@@ -3,7 +3,8 @@
 The config is the tokenizer's training config plus a ``tokens`` section::
 
     tokenizer: {...}          # tokenizer.train_config.TokenizerTrainConfig
-    tokens: {out: ..., views: 1, batch_size: 64, actors: null, seed: 0, source: null}
+    tokens: {out: ..., views: 1, batch_size: 64, actors: null, seed: 0, source: null,
+             crop_scale: [0.4, 1.0], jitter: 0.0, interp: bicubic, tok_interp: bicubic}
 
 A recipe that is a plain tokenizer-training recipe (no ``tokenizer``/``tokens`` keys) is read as the
 ``tokenizer`` section, with default ``tokens``; ``--set`` keys not starting with ``tokenizer.`` or
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Sequence
 
 from pipeline.config import PATH, SOURCE, ConfigError, Range, apply_overrides, from_dict, read_yaml, resolve_recipe
+from pipeline.views import Interpolation, ViewStyle
 from tokenizer.train_config import TokenizerTrainConfig
 
 SECTIONS = ("tokenizer", "tokens")
@@ -30,6 +32,17 @@ class TokensConfig:
     batch_size: Annotated[int, Range(ge=1)] = 64
     actors: Annotated[int | None, Range(ge=1)] = None  # default: one per GPU, else one per CPU
     seed: int = 0
+    # the view style (pipeline.views.ViewStyle): random views' crop area and colour jitter, each side's resampling
+    crop_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
+    jitter: Annotated[float, Range(ge=0, le=1)] = 0.0
+    interp: Interpolation = "bicubic"
+    tok_interp: Interpolation = "bicubic"
+
+    def style(self) -> ViewStyle:
+        return ViewStyle(tuple(self.crop_scale), self.jitter, self.interp, self.tok_interp)
+
+    def validate(self) -> None:
+        self.style()  # a bad crop scale is one line naming it
 
 
 @dataclass
@@ -76,6 +89,7 @@ def run_stage1(cfg: Stage1Config, address: str | None = None, num_cpus: int | No
             num_actors=cfg.tokens.actors,
             seed=cfg.tokens.seed,
             address=address,
+            style=cfg.tokens.style(),
         )
     return {
         "tokenizer": tok_dir,

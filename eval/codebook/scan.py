@@ -105,7 +105,7 @@ def render_patches(shard: str, requests: np.ndarray, input_size: int, grid: tupl
     for s, v, y, x in np.asarray(requests, dtype=np.int64).reshape(-1, 4):
         if (s, v) not in rendered:
             cs = decode_sample(samples[s])
-            rendered[(s, v)] = np.asarray(render_view(decode_rgb(cs.image), cs.views[v], input_size))
+            rendered[(s, v)] = np.asarray(render_view(decode_rgb(cs.image), cs.views[v], input_size, "tokenizer"))
         img = rendered[(s, v)]
         ph, pw = img.shape[0] // h, img.shape[1] // w
         out.append(img[y * ph : (y + 1) * ph, x * pw : (x + 1) * pw].copy())
@@ -134,7 +134,7 @@ def encode_sample_of_shard(shard: str, tokenizer_dir: str, limit: int, batch_siz
         cs = decode_sample(sample)
         img = decode_rgb(cs.image)
         for v, view in enumerate(cs.views):
-            images.append(to_tensor(render_view(img, view, tok.input_size)))
+            images.append(to_tensor(render_view(img, view, tok.input_size, "tokenizer")))
             cached.append(cs.tokens[v].astype(np.int64).ravel())
     result: dict[str, Any] = {"shard": shard, "images": len(samples), "cached": np.stack(cached) if cached else None}
     if not images:
