@@ -94,3 +94,27 @@ def test_pretraining_into_a_bucket_writes_config_and_tensorboard_and_a_rerun_say
     exported = json.loads(storage.read_bytes(out + "/exported/config.json"))
     assert exported["step"] == 3 and exported["source_checkpoint"] == run + "/checkpoint_00000003"
     assert storage.read_bytes(out + "/exported/model.safetensors") == storage.read_bytes(run + "/encoder/model.safetensors")
+
+
+def test_mimflow_run_outputs_under_a_bucket_prefix(s3_server, tmp_path, monkeypatch):
+    """``mimflow run`` with ``out=s3://...``: every stage's output is under the bucket prefix (not a local
+    directory named ``s3:``), and the stage stamps that let a rerun skip a stage live in the bucket."""
+    from mimflow.run import PipelineConfig, Stamps, stage_configs
+    from pipeline.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    out = s3_server("mimflow-run-out") + "/demo"
+    tok, pre, ev = stage_configs(load_config(PipelineConfig, None, [f"out={out}"]))
+    assert (tok.out, tok.storage_path) == (out + "/tokenizer", out + "/ray")
+    assert (pre.data.tokens, pre.data.tokenizer, pre.out) == (out + "/tokens", out + "/tokenizer", out + "/pretrain")
+    assert (ev.encoder, ev.out) == (f"{out}/pretrain/{pre.run_name}/encoder", out + "/eval")
+
+    stamps = Stamps(out)
+    storage.write_bytes_atomic(out + "/eval/eval.json", b"{}")
+    stamps.write("eval", "k1", {"eval": out + "/eval/eval.json"}, 1.0)
+    assert storage.exists(out + "/stamps/eval.json")
+    assert stamps.current("eval", "k1")["outputs"] == {"eval": out + "/eval/eval.json"}
+    assert stamps.current("eval", "k2") is None  # other inputs
+    storage.remove(out + "/eval/eval.json")
+    assert stamps.current("eval", "k1") is None  # its output is gone
+    assert not (tmp_path / "s3:").exists()
