@@ -118,3 +118,19 @@ def test_mimflow_run_outputs_under_a_bucket_prefix(s3_server, tmp_path, monkeypa
     storage.remove(out + "/eval/eval.json")
     assert stamps.current("eval", "k1") is None  # its output is gone
     assert not (tmp_path / "s3:").exists()
+
+
+def test_data_preview_writes_its_grid_and_summary_to_a_bucket(s3_server, tmp_path, monkeypatch):
+    import io
+
+    from PIL import Image
+
+    from mimflow.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    out = s3_server("mimflow-preview") + "/look"
+    assert main(["data", "preview", "shapes?n=6&size=16", "--out", out + "/grid.png", "--n", "4", "--cell", "20",
+                 "--json", out + "/summary.json"]) == 0
+    assert Image.open(io.BytesIO(storage.read_bytes(out + "/grid.png"))).size == (8 * 20, 20 + 12)  # 8 columns, one row with its caption strip
+    assert json.loads(storage.read_bytes(out + "/summary.json"))["items"] == 6
+    assert not (tmp_path / "s3:").exists()
