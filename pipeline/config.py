@@ -30,7 +30,6 @@ from typing import Annotated, Any, Literal, Sequence, TypeVar, Union
 import yaml
 
 from pipeline import storage
-
 from pipeline.errors import ConfigError
 
 T = TypeVar("T")
