@@ -56,7 +56,8 @@ def _bucket_cfg(cache: str, out: str, *extra: str):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_pretraining_into_a_bucket_writes_config_and_tensorboard_and_a_rerun_says_done(ray_local, tmp_path, s3_server):
+def test_pretraining_into_a_bucket_writes_config_and_tensorboard_and_a_rerun_says_done(ray_local, tmp_path, s3_server,
+                                                                                      capsys):
     """A run whose output is a bucket: config.yaml and TensorBoard events land there; the same command
     again finds the finished run's newest checkpoint in the bucket (no restart from 0, no crash), and
     ``mimflow export`` reads a checkpoint from the bucket."""
@@ -91,9 +92,15 @@ def test_pretraining_into_a_bucket_writes_config_and_tensorboard_and_a_rerun_say
 
     # export straight from the bucket: a run directory (its newest checkpoint) into another prefix
     assert main(["export", run, "--out", out + "/exported"]) == 0
+    assert f"load_encoder('{out}/exported')" in capsys.readouterr().out
     exported = json.loads(storage.read_bytes(out + "/exported/config.json"))
     assert exported["step"] == 3 and exported["source_checkpoint"] == run + "/checkpoint_00000003"
     assert storage.read_bytes(out + "/exported/model.safetensors") == storage.read_bytes(run + "/encoder/model.safetensors")
+    from pretrain.export import load_encoder  # what eval reads: an export or a checkpoint, both in the bucket
+
+    (from_export, _), (from_run, cfg) = load_encoder(out + "/exported"), load_encoder(run)
+    assert cfg["source_checkpoint"] == run + "/checkpoint_00000003"
+    assert all(torch.equal(a, b) for a, b in zip(from_export.state_dict().values(), from_run.state_dict().values()))
 
 
 def test_mimflow_run_outputs_under_a_bucket_prefix(s3_server, tmp_path, monkeypatch):
