@@ -15,7 +15,6 @@ import hashlib
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from eval.eval_config import METHODS, EvalConfig, EvalError
@@ -32,10 +31,6 @@ RESULT_VERSION = 1
 def _log(msg: str, verbose: bool) -> None:
     if verbose:
         print(f"eval: {msg}", file=sys.stderr, flush=True)
-
-
-def _resolve_out(location: str) -> str:
-    return location if storage.is_uri(location) else str(Path(location).expanduser().resolve())
 
 
 def _delta(results: dict[str, dict]) -> dict[str, dict[str, float]]:
@@ -77,8 +72,8 @@ def run_eval(cfg: EvalConfig, address: str | None = None, *, num_cpus: int | Non
         raise EvalError("no encoder given: set encoder=DIR in the recipe or pass --encoder DIR")
     if not cfg.train_source:
         raise EvalError("no labelled data given: set train_source=SPEC in the recipe or pass --train SPEC")
-    out = _resolve_out(cfg.out)
-    cache = _resolve_out(cfg.feature_cache) if cfg.feature_cache else storage.join(out, "feature-cache")
+    out = storage.absolute(cfg.out)
+    cache = storage.absolute(cfg.feature_cache) if cfg.feature_cache else storage.join(out, "feature-cache")
     pretrained = load_encoder(cfg.encoder)
     encoders = [pretrained]
     if cfg.baseline == "random":
@@ -203,7 +198,7 @@ def run_eval(cfg: EvalConfig, address: str | None = None, *, num_cpus: int | Non
     doc: dict[str, Any] = {
         "version": RESULT_VERSION,
         "encoder": {
-            "path": cfg.encoder if storage.is_uri(cfg.encoder) else str(Path(cfg.encoder).resolve()),
+            "path": storage.absolute(cfg.encoder),
             "encoder_id": pretrained.encoder_id,
             "img_size": pretrained.img_size,
             "depth": pretrained.depth,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import io
 import json
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from typing import TYPE_CHECKING
 
@@ -82,9 +83,18 @@ def preview_grid(samples: list[tuple["Image.Image", str]], cell: int = 96, colum
 
 def cmd_preview(args: argparse.Namespace) -> int:
     summary, shown = summarise(args.source, limit=args.limit, keep=args.n)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    preview_grid(shown, cell=args.cell).save(out)
+    from PIL import Image
+
+    from pipeline import storage
+    from pipeline.errors import StageError
+
+    out = args.out  # a local path or a URI
+    image_format = Image.registered_extensions().get(os.path.splitext(out)[1].lower())
+    if image_format is None:
+        raise StageError(f"--out {out}: not an image file name (use .png or .jpg)")
+    buf = io.BytesIO()
+    preview_grid(shown, cell=args.cell).save(buf, format=image_format)
+    storage.write_bytes_atomic(out, buf.getvalue())
     print(f"{summary.kind} source {summary.spec!r}: {summary.items} items (fingerprint {summary.fingerprint})")
     print(f"scanned {summary.scanned}: {summary.good} images, {len(summary.errors)} errors")
     if summary.class_counts:
@@ -97,7 +107,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
         print(f"  ... and {len(summary.errors) - 20} more errors")
     print(f"wrote {out} ({len(shown)} images)")
     if args.json:
-        Path(args.json).write_text(json.dumps(summary.__dict__, indent=2))
+        storage.write_bytes_atomic(args.json, json.dumps(summary.__dict__, indent=2).encode())
     return 0
 
 

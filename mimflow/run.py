@@ -3,6 +3,7 @@
 Each stage is called through its own Python entry point, in order, inside one Ray session. A stage
 whose inputs (its resolved config and the identities of what it reads) match the stamp left by its
 last successful run is skipped, and the run says so. Stamps live in ``<out>/stamps/<stage>.json``.
+``out`` may be a local path or a URI (``s3://``...): every stage writes through ``pipeline.storage``.
 """
 
 from __future__ import annotations
@@ -60,24 +61,24 @@ def file_digest(path: str | Path) -> str:
 
 
 class Stamps:
-    def __init__(self, out: Path):
-        self.dir = out / "stamps"
+    def __init__(self, out: str):
+        self.dir = storage.join(out, "stamps")
 
     def current(self, stage: str, key: str) -> dict[str, Any] | None:
-        path = self.dir / f"{stage}.json"
-        if not path.is_file():
+        path = storage.join(self.dir, f"{stage}.json")
+        if not storage.exists(path):
             return None
-        stamp = json.loads(path.read_text())
+        stamp = json.loads(storage.read_bytes(path))
         if stamp.get("key") != key:
             return None
-        if not all(Path(p).exists() for p in stamp.get("outputs", {}).values() if isinstance(p, str)):
+        if not all(storage.exists(p) for p in stamp.get("outputs", {}).values() if isinstance(p, str)):
             return None
         return stamp
 
     def write(self, stage: str, key: str, outputs: dict[str, Any], seconds: float) -> None:
         doc = {"stage": stage, "key": key, "outputs": outputs, "seconds": round(seconds, 1),
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        storage.write_bytes_atomic(self.dir / f"{stage}.json", json.dumps(doc, indent=2).encode())
+        storage.write_bytes_atomic(storage.join(self.dir, f"{stage}.json"), json.dumps(doc, indent=2).encode())
 
 
 def _stage(stamps: Stamps, name: str, key: str, work: Callable[[], dict[str, Any]], log: Callable[[str], None]):
@@ -110,20 +111,20 @@ def stage_configs(cfg: PipelineConfig) -> tuple[Any, Any, Any]:
     from pretrain.config import PretrainConfig
     from tokenizer.train_config import TokenizerTrainConfig
 
-    out = Path(cfg.out).expanduser().resolve()
-    tok_dir = out / "tokenizer"
+    out = storage.absolute(cfg.out)
+    tok_dir = storage.join(out, "tokenizer")
     tok_cfg = _stage_config(
         "tokenizer", TokenizerTrainConfig, cfg.tokenizer,
-        [f"source={cfg.source}", f"out={tok_dir}", f"storage_path={out / 'ray'}"],
+        [f"source={cfg.source}", f"out={tok_dir}", f"storage_path={storage.join(out, 'ray')}"],
     )
     pre_cfg = _stage_config(
         "pretrain", PretrainConfig, cfg.pretrain,
-        [f"data.tokens={out / 'tokens'}", f"data.tokenizer={tok_dir}", f"out={out / 'pretrain'}"],
+        [f"data.tokens={storage.join(out, 'tokens')}", f"data.tokenizer={tok_dir}", f"out={storage.join(out, 'pretrain')}"],
     )
     ev_cfg = _stage_config(
         "eval", EvalConfig, cfg.eval,
-        [f"encoder={out / 'pretrain' / pre_cfg.run_name / 'encoder'}", f"train_source={cfg.source}",
-         f"test_source={cfg.test_source if cfg.test_source is not None else 'null'}", f"out={out / 'eval'}"],
+        [f"encoder={storage.join(out, 'pretrain', pre_cfg.run_name, 'encoder')}", f"train_source={cfg.source}",
+         f"test_source={cfg.test_source if cfg.test_source is not None else 'null'}", f"out={storage.join(out, 'eval')}"],
     )
     return tok_cfg, pre_cfg, ev_cfg
 
@@ -142,11 +143,10 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, log: Callable[
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
-    out = Path(cfg.out).expanduser().resolve()
+    out = storage.absolute(cfg.out)
 
     tok_cfg, pre_cfg, ev_cfg = stage_configs(cfg)
-    tok_dir = out / "tokenizer"
-    out.mkdir(parents=True, exist_ok=True)
+    tok_dir = storage.join(out, "tokenizer")
     save_config(cfg, out, "run.yaml")
     stamps = Stamps(out)
     results: dict[str, Any] = {"skipped": []}
@@ -167,27 +167,28 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, log: Callable[
             outputs, skipped = _stage(
                 stamps, "tokens", key,
                 lambda: {"cache": build_cache(
-                    tok_dir, cfg.source, out / "tokens", cfg.views,
+                    tok_dir, cfg.source, storage.join(out, "tokens"), cfg.views,
                     batch_size=cfg.cache_batch_size, num_actors=cfg.cache_actors, seed=cfg.seed,
                 ).cache_dir}, log,
             )
             results["tokens"] = outputs
             results["skipped"] += ["tokens"] if skipped else []
-        cache_dir = out / "tokens" / tok_id
-        manifest_id = file_digest(cache_dir / "manifest.parquet")
+        cache_dir = storage.join(out, "tokens", tok_id)
+        manifest_id = file_digest(storage.join(cache_dir, "manifest.parquet"))
 
         if "codebook" in cfg.stages:
             def codebook() -> dict[str, Any]:
-                report = codebook_report(cache_dir, out / "codebook", tokenizer_dir=tok_dir, source=cfg.source,
+                report_dir = storage.join(out, "codebook")
+                report = codebook_report(cache_dir, report_dir, tokenizer_dir=tok_dir, source=cfg.source,
                                          sample=cfg.codebook_sample)
-                return {"report": str(out / "codebook" / "report.json"), "html": str(out / "codebook" / "report.html"),
+                return {"report": storage.join(report_dir, "report.json"), "html": storage.join(report_dir, "report.html"),
                         "usage": report.get("usage", {})}
 
             outputs, skipped = _stage(stamps, "codebook", _digest(manifest_id, tok_id, cfg.codebook_sample), codebook, log)
             results["codebook"] = outputs
             results["skipped"] += ["codebook"] if skipped else []
 
-        pre_cfg = dataclasses.replace(pre_cfg, data=dataclasses.replace(pre_cfg.data, tokens=str(cache_dir)))
+        pre_cfg = dataclasses.replace(pre_cfg, data=dataclasses.replace(pre_cfg.data, tokens=cache_dir))
         if "pretrain" in cfg.stages:
             def pretrain() -> dict[str, Any]:
                 result = run_pretrain(pre_cfg)
@@ -200,10 +201,10 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, log: Callable[
 
         if "eval" in cfg.stages:
             # the encoder this run's pretraining exports (also when pretraining is not among the stages)
-            encoder = Path(ev_cfg.encoder)
+            encoder = ev_cfg.encoder
             outputs, skipped = _stage(
-                stamps, "eval", _digest(to_dict(ev_cfg), file_digest(encoder / "model.safetensors")),
-                lambda: {"eval": str(out / "eval" / "eval.json"), "results": run_eval(ev_cfg)}, log,
+                stamps, "eval", _digest(to_dict(ev_cfg), file_digest(storage.join(encoder, "model.safetensors"))),
+                lambda: {"eval": storage.join(out, "eval", "eval.json"), "results": run_eval(ev_cfg)}, log,
             )
             results["eval"] = outputs
             results["skipped"] += ["eval"] if skipped else []

@@ -29,6 +29,7 @@ from typing import Annotated, Any, Literal, Sequence, TypeVar, Union
 
 import yaml
 
+from pipeline import storage
 from pipeline.errors import ConfigError
 
 T = TypeVar("T")
@@ -242,14 +243,10 @@ def dump_config(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def save_config(cfg: Any, directory: str | Path, name: str = "config.yaml") -> Path:
-    """Write the resolved config beside a stage's outputs (atomically)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / name
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(dump_config(cfg))
-    tmp.replace(path)
+def save_config(cfg: Any, directory: str | Path, name: str = "config.yaml") -> str:
+    """Write the resolved config beside a stage's outputs (atomically; ``directory`` may be a URI)."""
+    path = storage.join(directory, name)
+    storage.write_bytes_atomic(path, dump_config(cfg).encode())
     return path
 
 

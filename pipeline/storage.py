@@ -88,6 +88,11 @@ def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     raise ValueError(f"{location}: unsupported scheme {kind!r} (use a local path, {', '.join(s + '://' for s in SCHEMES)})")
 
 
+def absolute(location: str | os.PathLike) -> str:
+    """A local path made absolute (``~`` expanded); a URI unchanged."""
+    return str(location) if is_uri(location) else str(Path(location).expanduser().resolve())
+
+
 def join(base: str | os.PathLike, *parts: str) -> str:
     base = str(base)
     if is_uri(base):

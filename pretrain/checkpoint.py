@@ -11,8 +11,11 @@ A checkpoint directory (what ``ray.train.report`` persists as ``<out>/<run_name>
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ SCHEDULER = "scheduler.pt"
 STATE = "state.json"
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
 
 
 def checkpoint_state(model: torch.nn.Module, *, step: int, total_steps: int, steps_per_epoch: int, img_size: int,
@@ -56,10 +60,11 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer: to
 
 
 def read_state(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / STATE
-    if not path.is_file():
+    """``state.json`` of a checkpoint directory (a local path or a URI)."""
+    path = storage.join(directory, STATE)
+    if not storage.exists(path):
         raise FileNotFoundError(f"{directory} is not a pretraining checkpoint (no {STATE})")
-    return json.loads(path.read_text())
+    return json.loads(storage.read_bytes(path))
 
 
 def load_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -98,22 +103,32 @@ def optimizer_digest(state_dict: dict[str, Any]) -> str:
     return h.hexdigest()[:16]
 
 
-def latest_checkpoint(location: str | Path) -> Path:
-    """A checkpoint directory itself, or the newest ``checkpoint_*`` inside a run directory."""
-    path = Path(location)
-    if (path / STATE).is_file():
-        return path
-    found = sorted(p for p in path.glob("checkpoint_*") if (p / STATE).is_file())
-    if not found:
+def latest_checkpoint(location: str | Path) -> str:
+    """A checkpoint directory itself, or the newest ``checkpoint_*`` inside a run directory (local or URI)."""
+    location = str(location)
+    if storage.exists(storage.join(location, STATE)):
+        return location
+    found = [storage.join(location, name) for name in storage.list_names(location) if name.startswith("checkpoint_")]
+    steps = {}
+    for ckpt in found:
+        with contextlib.suppress(FileNotFoundError):  # a directory without state.json is no checkpoint
+            steps[ckpt] = read_state(ckpt).get("step", -1)
+    if not steps:
         raise FileNotFoundError(f"no pretraining checkpoint at {location} (expected {STATE} or checkpoint_*/)")
-    return max(found, key=lambda p: read_state(p).get("step", -1))
+    return max(sorted(steps), key=steps.__getitem__)
 
 
 class MetricsLog:
-    """``metrics.jsonl`` under the run directory (rank 0 only), plus TensorBoard when installed.
+    """``metrics.jsonl`` under the run directory (rank 0 only), plus TensorBoard events in
+    ``<run>/tensorboard/`` when tensorboard is installed.
 
     Local paths are appended to line by line; object-store URIs are rewritten whole on ``flush``.
     On resume, records past the resumed step (written after the last checkpoint) are dropped.
+    TensorBoard writes through its own file layer (TensorFlow's gfile, or boto3 configured by other
+    variables than ours, no ``gs://`` without TensorFlow) and appends to an open file, which an object
+    store cannot do: for a URI run directory its events go to a local temporary directory
+    (``tb_spool``) and are uploaded through ``pipeline.storage`` at every ``flush`` (each checkpoint)
+    and at ``close``.
     """
 
     def __init__(self, run_dir: str, resume_step: int = 0, tensorboard: bool = True):
@@ -133,13 +148,17 @@ class MetricsLog:
         storage.write_bytes_atomic(self.path, "".join(x + "\n" for x in self.lines).encode())
         self._file = open(self.path, "a") if self.local else None
         self.tb = None
-        if tensorboard and self.local:
+        self.tb_dir = storage.join(run_dir, TENSORBOARD)
+        self.tb_spool: str | None = None  # the local directory TensorBoard writes to for a URI run dir
+        if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
             except ImportError:  # tensorboard is an optional extra
-                self.tb = None
+                return
+            if not self.local:
+                self.tb_spool = tempfile.mkdtemp(prefix="mimflow-tensorboard-")
+            # purge_step: TensorBoard hides the events a killed run wrote past the resumed step
+            self.tb = SummaryWriter(log_dir=self.tb_spool or self.tb_dir, purge_step=resume_step + 1)
 
     def write(self, record: dict[str, Any]) -> None:
         record = {**record, "time": round(time.time(), 3)}
@@ -159,6 +178,7 @@ class MetricsLog:
             storage.write_bytes_atomic(self.path, "".join(x + "\n" for x in self.lines).encode())
         if self.tb is not None:
             self.tb.flush()
+            self._upload_tensorboard()
 
     def close(self) -> None:
         self.flush()
@@ -167,6 +187,19 @@ class MetricsLog:
             self._file = None
         if self.tb is not None:
             self.tb.close()
+            self._upload_tensorboard()
+            self.tb = None
+            if self.tb_spool is not None:
+                shutil.rmtree(self.tb_spool, ignore_errors=True)
+
+    def _upload_tensorboard(self) -> None:
+        """Copy the spooled event files up whole (each is small: scalars only; a resume writes a new one)."""
+        if self.tb_spool is None:
+            return
+        for path in sorted(Path(self.tb_spool).rglob("*")):
+            if path.is_file():
+                storage.write_bytes_atomic(storage.join(self.tb_dir, *path.relative_to(self.tb_spool).parts),
+                                           path.read_bytes())
 
 
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:

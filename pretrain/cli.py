@@ -38,9 +38,12 @@ def export_command(args: argparse.Namespace) -> int:
         out = export_encoder(args.checkpoint, args.out)
     except (ValueError, KeyError) as e:
         raise StageError(f"cannot export {args.checkpoint}: {e}") from None
-    print(f"exported the encoder of {args.checkpoint} to {out}: load it with "
-          f"timm.models.beit.Beit(**config['timm_kwargs']).load_state_dict(safetensors.torch.load_file("
-          f"'{out}/model.safetensors'), strict=True)")
+    from pipeline import storage
+
+    how = (f"pretrain.export.load_encoder('{out}')" if storage.is_uri(out) else  # safetensors reads local files only
+           f"timm.models.beit.Beit(**config['timm_kwargs']).load_state_dict(safetensors.torch.load_file("
+           f"'{out}/model.safetensors'), strict=True)")
+    print(f"exported the encoder of {args.checkpoint} to {out}: load it with {how}")
     return 0
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
 from pipeline import storage
 from pretrain.checkpoint import MODEL, latest_checkpoint, read_state
@@ -59,8 +59,8 @@ def export_encoder(checkpoint: str | Path, out: str, source: str | None = None) 
     given when ``checkpoint`` is a local copy of a checkpoint in a bucket)."""
     ckpt = latest_checkpoint(checkpoint)
     state = read_state(ckpt)
-    weights = encoder_state(load_file(str(ckpt / MODEL)))
-    cfg = export_config(state, source or str(Path(ckpt).resolve()))
+    weights = encoder_state(load(storage.read_bytes(storage.join(ckpt, MODEL))))
+    cfg = export_config(state, source or storage.absolute(ckpt))
     _check_loads(weights, cfg)
     storage.makedirs(out)
     storage.write_bytes_atomic(storage.join(out, "model.safetensors"), save(weights, metadata={"format": "pt"}))
@@ -87,14 +87,12 @@ def load_encoder(location: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]
         if cfg.get("architecture") != "beit":
             raise ValueError(f"{location}: config.json is not a mimflow encoder export (architecture "
                              f"{cfg.get('architecture')!r})")
-        from safetensors.torch import load
-
         weights = load(storage.read_bytes(storage.join(location, "model.safetensors")))
     else:
         ckpt = latest_checkpoint(location)
         state = read_state(ckpt)
-        cfg = export_config(state, str(Path(ckpt).resolve()))
-        weights = encoder_state(load_file(str(ckpt / MODEL)))
+        cfg = export_config(state, storage.absolute(ckpt))
+        weights = encoder_state(load(storage.read_bytes(storage.join(ckpt, MODEL))))
     model = Beit(**cfg["timm_kwargs"])
     model.load_state_dict(weights, strict=True)
     model.eval()

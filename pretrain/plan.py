@@ -7,7 +7,6 @@ driver (``pretrain.train``) builds it before Ray starts, so a bad config is one 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pipeline import storage
@@ -46,10 +45,6 @@ def load_tokenizer(path: str):
     from tokenizer.checkpoint import load_tokenizer as load  # the tokenizer stage, only for tokens-online
 
     return load(path)
-
-
-def _storage_path(out: str) -> str:
-    return out if storage.is_uri(out) else str(Path(out).expanduser().resolve())
 
 
 def plan_run(cfg: PretrainConfig) -> RunPlan:
@@ -92,7 +87,7 @@ def plan_run(cfg: PretrainConfig) -> RunPlan:
                              max_block=cfg.mask.max_block, min_aspect=cfg.mask.min_aspect)
     except ValueError as e:  # a config mistake: one line, not a traceback
         raise ConfigError(str(e)) from None
-    storage_path = _storage_path(cfg.out)
+    storage_path = storage.absolute(cfg.out)
     out_dim = 3 * cfg.model.patch**2 if cfg.target == "pixels" else vocab
     return RunPlan(
         cfg=cfg, urls=shard_urls(d.tokens, rows), samples=samples, steps_per_epoch=steps_per_epoch,

@@ -61,6 +61,9 @@ class Progress:
         self.log = MetricsLog(plan.run_dir, start_step) if env.rank == 0 else None
         self.last: dict[str, Any] = {}
         self.eta_from: tuple[float, int] | None = None  # (time, step) of the first progress line
+        if self.log is not None and self.log.tb_spool is not None:
+            env.say(f"pretrain: TensorBoard events are written to {self.log.tb_spool} on this node and "
+                    f"uploaded to {self.log.tb_dir} at every checkpoint")
         if self.log is not None and start_step:
             env.say(f"pretrain: resumed at step {start_step}/{plan.total_steps}")
             self.log.write({"kind": "resume", "step": start_step, "optimizer_digest": resumed_digest})

@@ -93,6 +93,6 @@ def test_missing_recipe_lists_packaged_ones(tmp_path):
 def test_save_round_trip(tmp_path):
     cfg = from_dict(Stage, {"workers": 3, "optim": {"lr": 0.5}, "tokenizer": "/t"})
     path = save_config(cfg, tmp_path / "out")
-    again = from_dict(Stage, yaml.safe_load(path.read_text()))
+    again = from_dict(Stage, yaml.safe_load(Path(path).read_text()))
     assert again == cfg
     assert to_dict(again)["optim"]["betas"] == [0.9, 0.999]

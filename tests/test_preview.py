@@ -34,3 +34,9 @@ def test_preview_missing_source_is_a_clear_error(tmp_path, capsys):
     rc = main(["data", "preview", str(tmp_path / "missing"), "--out", str(tmp_path / "g.png")])
     assert rc == 2
     assert "image folder not found" in capsys.readouterr().err
+
+
+def test_preview_out_that_is_no_image_name_is_a_clear_error(tmp_path, capsys):
+    rc = main(["data", "preview", "shapes?n=2&size=16", "--out", str(tmp_path / "grid.txt")])
+    assert rc == 2 and "grid.txt: not an image file name" in capsys.readouterr().err
+    assert not (tmp_path / "grid.txt").exists()

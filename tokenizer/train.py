@@ -34,10 +34,6 @@ from tokenizer.train_config import TokenizerTrainConfig, make_plan, teacher_for,
 from tokenizer.train_loop import TokenizerJob, train_loop_per_worker
 
 
-def _local_or_uri(path: str) -> str:
-    return path if storage.is_uri(path) else str(Path(path).expanduser().resolve())
-
-
 def _parent(path: str) -> str:
     if storage.is_uri(path):
         return path.rstrip("/").rsplit("/", 1)[0]
@@ -60,7 +56,7 @@ def current_tokenizer(out: str, fingerprint: str) -> dict[str, Any] | None:
 
 def train_tokenizer(cfg: TokenizerTrainConfig, address: str | None = None, log: Callable[[str], None] = print) -> Path:
     """Train (or reuse) the tokenizer described by ``cfg``; returns its directory (``cfg.out``)."""
-    out = _local_or_uri(cfg.out)
+    out = storage.absolute(cfg.out)
     source = open_source(cfg.source)
     if len(source) == 0:
         raise ConfigError(f"source {cfg.source!r} has no items")
@@ -77,7 +73,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, address: str | None = None, log: 
     if cfg.model.kind == "vqkd":  # fail early, in the driver, on a bad teacher spec or weights file
         teacher_for(cfg)
     plan = make_plan(cfg, source)
-    storage_path = _local_or_uri(cfg.storage_path) if cfg.storage_path else storage.join(_parent(out), "ray")
+    storage_path = storage.absolute(cfg.storage_path) if cfg.storage_path else storage.join(_parent(out), "ray")
     run_name = cfg.run_name or f"tokenizer-{cfg.model.kind}-{fingerprint}"
     log(f"tokenizer: training {cfg.model.kind} on {source.describe()}; run {run_name!r} under {storage_path}")
     start = time.perf_counter()
