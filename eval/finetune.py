@@ -175,7 +175,8 @@ def train_loop_per_worker(job: FinetuneJob) -> None:
             "seconds": time.perf_counter() - t0,
         }
         st.history.append(h)
-        if h["val_top1"] is not None and (st.best is None or h["val_top1"] > st.best["val_top1"]):
+        # ties go to the later round: with a small validation split, the longer-trained weights
+        if h["val_top1"] is not None and (st.best is None or h["val_top1"] >= st.best["val_top1"]):
             st.best = {k: h[k] for k in ("round", "step", "epoch", "val_top1")}
             st.best_weights = {k: v.detach().clone() for k, v in core.state_dict().items()}
         val_txt = f", val top-1 {h['val_top1']:.1%} ({int(counts[1])})" if h["val_top1"] is not None else ""
