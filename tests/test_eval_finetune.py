@@ -211,3 +211,31 @@ def test_low_label_recipe_fine_tuning_beats_a_frozen_linear_probe_on_the_same_la
     r = finetune(enc, data, cfg, seed=0, storage_path=str(tmp_path / "runs"), name="low-label")
     assert r["steps"] == 200 and r["selected_on"] == "validation" and r["n_test"] == 100
     assert r["top1"] >= probe + 0.10, (r["top1"], probe, r["history"][-1])
+
+
+@pytest.mark.slow
+def test_finetune_log_has_one_line_per_round_and_no_colour_or_report_echo(tmp_path):
+    """``mimflow eval`` fine-tuning with its output in a file (not a terminal), its own embedded Ray:
+    each round's line once, no ``Reporting training result`` echo of the history, no ANSI codes."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    enc = write_encoder(tmp_path / "enc")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path / "eval.log"
+    with log.open("w") as f:
+        r = subprocess.run(
+            [sys.executable, "-m", "mimflow", "eval", "--encoder", str(enc), "--train", "shapes?n=40&size=32",
+             "--test", "shapes?n=20&size=32&split=test", "--methods", "finetune", "--out", str(tmp_path / "out"),
+             "--num-cpus", "2", "--set", "finetune.steps=6", "--set", "finetune.batch_size=16",
+             "--set", "finetune.evals=3", "--set", "finetune.augment=false"],
+            stdout=f, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, timeout=300)
+    text = log.read_text()
+    assert r.returncode == 0, text[-3000:]
+    rounds = re.findall(r"fine-tune step (\d+)/6 ", text)
+    assert rounds == ["2", "4", "6"], text[-3000:]  # three rounds of two steps, each line once
+    assert "\x1b[" not in text and "Reporting training result" not in text and "Traceback" not in text
+    assert len(re.findall(r"fine-tune: test top-1", text)) == 1
