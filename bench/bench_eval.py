@@ -99,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         folder = make_images(work / "images" / "shapes", size["images"], size["image_px"])
         spec = folder.replace(str(work / "images" / "shapes"), str(work / "images"))  # one class folder: labelled
         pretrained = load_encoder(write_bench_encoder(work / "encoder", size))
-        encoders = [pretrained, random_encoder(pretrained, 0)]
+        # seed 1: write_bench_encoder seeds 0, and equal weights would give both encoders one cache entry
+        encoders = [pretrained, random_encoder(pretrained, 1)]
         before = reference_rate(encoders, spec, size["batch_size"])
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True, configure_logging=False)
         try:

@@ -28,7 +28,9 @@ class ProbeConfig:
 
 @dataclass
 class FinetuneConfig:
-    epochs: Annotated[int, Range(ge=1)] = 5
+    epochs: Annotated[int, Range(ge=1)] = 5  # passes over the labelled training subset (see min_steps/steps)
+    steps: Annotated[int | None, Range(ge=1)] = None  # the step budget; overrides epochs when set
+    min_steps: Annotated[int, Range(ge=0)] = 0  # at least this many optimizer steps: few labels still train to convergence
     lr: Annotated[float, Range(gt=0)] = 1e-3  # peak lr of the head; block i gets lr * layer_decay^(depth - i)
     min_lr: Annotated[float, Range(ge=0)] = 1e-6
     layer_decay: Annotated[float, Range(gt=0, le=1)] = 0.65
@@ -39,12 +41,15 @@ class FinetuneConfig:
     cpus_per_worker: Annotated[int, Range(ge=1)] = 1
     use_gpu: bool | None = None  # None: when the cluster has GPUs
     label_fraction: Annotated[float, Range(gt=0, le=1)] = 1.0  # e.g. 0.01, 0.1: a deterministic class-balanced subset of train
+    val_fraction: Annotated[float, Range(ge=0, lt=1)] = 0.1  # of the labelled subset, held out to select the checkpoint; 0: report the last
     warmup_epochs: Annotated[float, Range(ge=0)] = 1.0
+    warmup_steps: Annotated[int | None, Range(ge=0)] = None  # overrides warmup_epochs when set
+    evals: Annotated[int, Range(ge=1)] = 20  # at most this many validation points (and checkpoints); at least one per epoch otherwise
     label_smoothing: Annotated[float, Range(ge=0, lt=1)] = 0.1
     clip_grad: Annotated[float | None, Range(gt=0)] = None
     augment: bool = True  # random-resized crop + flip
-    keep_model: bool = True  # the final checkpoint holds the fine-tuned classifier (timm Beit + head)
-    max_failures: int = 3  # killed workers replaced inside the run, each time from the newest epoch's checkpoint
+    keep_model: bool = True  # the final checkpoint holds the selected fine-tuned classifier (timm Beit + head)
+    max_failures: int = 3  # killed workers replaced inside the run, each time from the newest checkpoint
 
 
 @dataclass

@@ -40,7 +40,7 @@ def _delta(results: dict[str, dict]) -> dict[str, dict[str, float]]:
         if method in a and method in b:
             out[method] = {
                 m: a[method][m] - b[method][m]
-                for m in ("top1", "top5", "best_top1")
+                for m in ("top1", "top5")
                 if m in a[method] and m in b[method]
             }
     return out
@@ -65,7 +65,7 @@ def inputs_fingerprint(cfg: EvalConfig, encoder_id: str) -> str:
 def run_eval(cfg: EvalConfig, address: str | None = None, *, num_cpus: int | None = None, verbose: bool = True) -> dict:
     """Evaluate ``cfg.encoder`` (and the random baseline); write and return the ``eval.json`` document."""
     from eval.feature_job import LazyRay, extract_features
-    from eval.features import LabelledImages, load_encoder, load_labelled_images, random_encoder
+    from eval.features import load_encoder, random_encoder
 
     t_start = time.perf_counter()
     if not cfg.encoder:
@@ -81,18 +81,6 @@ def run_eval(cfg: EvalConfig, address: str | None = None, *, num_cpus: int | Non
     _log(f"encoder {cfg.encoder} (id {pretrained.encoder_id}, {pretrained.img_size}px, depth {pretrained.depth})", verbose)
     plan = resolve_split(cfg.train_source, cfg.test_source, cfg.test_fraction)
     _log(f"train {plan.train!r}, test {plan.test!r} (split: {plan.mode})", verbose)
-
-    # Fine-tuning's in-memory images: one decode per (source, size), only when fine-tuning.
-    decoded: dict[tuple[str, int], LabelledImages] = {}
-
-    def images(spec: str, size: int) -> LabelledImages:
-        if (spec, size) not in decoded:
-            t0 = time.perf_counter()
-            decoded[(spec, size)] = load_labelled_images(spec, size)
-            imgs = decoded[(spec, size)]
-            _log(f"decoded {len(imgs)} images of {spec!r} in {time.perf_counter() - t0:.1f}s"
-                 + (f"; {len(imgs.skipped)} skipped (bad or unlabelled)" if imgs.skipped else ""), verbose)
-        return decoded[(spec, size)]
 
     def split_pair(get_train, get_test, subset):
         """(train, test) from the plan: two sources, or one source cut by key hash."""
@@ -162,37 +150,32 @@ def run_eval(cfg: EvalConfig, address: str | None = None, *, num_cpus: int | Non
                 _log(f"{enc.name} linear probe top-1 {r['top1']:.1%} (weight decay {r['weight_decay']:g})", verbose)
 
     if "finetune" in cfg.methods:
-        from eval.finetune import finetune
+        from eval.finetune import finetune, plan_steps
+        from eval.finetune_data import plan_finetune
         from pipeline.ray_context import ray_session
 
+        ft = cfg.finetune
         with ray_session(address, num_cpus):
+            # keys and labels only: the workers stream the images from the source's partitions
+            data = plan_finetune(plan, ft, cfg.seed)
+            data_info = data_info or {
+                "n_train": data.n_available, "n_test": len(data.test_keys), "num_classes": len(data.classes),
+                "classes": list(data.classes), "skipped": data.skipped,
+            }
+            steps = plan_steps(len(data.train_keys), max(1, ft.workers), ft)
+            _log(f"fine-tune: {steps.total} steps ({steps.steps_per_epoch}/epoch) on {len(data.train_keys)} of "
+                 f"{data.n_available} labelled images (label fraction {ft.label_fraction:g}), "
+                 + (f"selected on a validation split of {len(data.val_keys)}" if data.val_keys
+                    else "no validation split: the last step is reported")
+                 + f", {ft.workers} worker(s)", verbose)
             for enc in encoders:
-                size = enc.img_size
-                train_im, test_im = split_pair(
-                    lambda: images(plan.train, size), lambda: images(plan.test, size),
-                    lambda im, mask: im.subset(mask),
-                )
-                mapping = class_mapping(train_im.classes, test_im.classes, plan.test)
-                if mapping is not None:
-                    test_im = LabelledImages(test_im.spec, test_im.pixels, mapping[test_im.labels], test_im.keys,
-                                             train_im.classes, test_im.skipped)
-                num_classes = len(train_im.classes)
-                data_info = data_info or {
-                    "n_train": len(train_im),
-                    "n_test": len(test_im),
-                    "num_classes": num_classes,
-                    "classes": list(train_im.classes),
-                    "skipped": {"train": len(train_im.skipped), "test": len(test_im.skipped) if plan.mode != "hash" else 0},
-                }
-                _log(f"{enc.name} fine-tune: {cfg.finetune.epochs} epochs on "
-                     f"{cfg.finetune.label_fraction:g} of {len(train_im)} labels, {cfg.finetune.workers} worker(s)", verbose)
-                r = finetune(
-                    enc, train_im, test_im, cfg.finetune, num_classes=num_classes, seed=cfg.seed,
-                    storage_path=storage.join(out, "ray-train"), name=f"finetune-{enc.name}",
-                )
+                r = finetune(enc, data, ft, seed=cfg.seed, storage_path=storage.join(out, "ray-train"),
+                             name=f"finetune-{enc.name}")
                 results[enc.name]["finetune"] = r
-                _log(f"{enc.name} fine-tune top-1 per epoch: "
-                     + ", ".join(f"{h['top1']:.1%}" for h in r["epochs"]), verbose)
+                sel = r["selected"]
+                _log(f"{enc.name} fine-tune test top-1 {r['top1']:.1%} at step {sel['step']}/{r['steps']}, "
+                     + (f"selected on validation ({r['n_val']} images, val top-1 {sel['val_top1']:.1%})"
+                        if r["selected_on"] == "validation" else "the last step (no validation split)"), verbose)
 
     enc_cfg = pretrained.config
     doc: dict[str, Any] = {
@@ -212,6 +195,7 @@ def run_eval(cfg: EvalConfig, address: str | None = None, *, num_cpus: int | Non
         "data": {"train": plan.train, "test": plan.test, "split": plan.mode, **data_info},
         "features": {"pooling": cfg.pooling, "layer": cfg.layer, "cache": cache, "entries": feature_info},
         "results": results,
+        "selection": selection_notes(cfg, results),
         "delta": _delta(results),
         "inputs": inputs_fingerprint(cfg, pretrained.encoder_id),
         "seconds": time.perf_counter() - t_start,
@@ -233,6 +217,27 @@ def knn_eval_fs(train_fs, test_fs, test_labels, num_classes: int, cfg: EvalConfi
     )
 
 
+def selection_notes(cfg: EvalConfig, results: dict[str, dict]) -> dict[str, str]:
+    """What each method's tuned choice was selected on: never the test set."""
+    notes: dict[str, str] = {}
+    some = next(iter(results.values()), {})
+    if "knn" in some:
+        notes["knn"] = f"k={cfg.k} and temperature={cfg.temperature:g} fixed by the config, not tuned"
+    if "linear" in some:
+        lin = some["linear"]
+        notes["linear"] = (f"weight decay chosen among {cfg.probe.weight_decays} on a held-out "
+                           f"{cfg.probe.val_fraction:g} of the training features ({lin['n_val']} items), refit on all"
+                           if lin.get("selected_on") == "validation" else
+                           f"weight decay fixed at {lin['weight_decay']:g}, not tuned")
+    if "finetune" in some:
+        ft = some["finetune"]
+        notes["finetune"] = (f"checkpoint chosen by top-1 on a validation split of {ft['n_val']} items carved by key"
+                             f" hash from the {ft['n_labelled']} labelled training items; the test set scored once"
+                             if ft["selected_on"] == "validation" else
+                             "the last step's weights (val_fraction 0); the test set scored once")
+    return notes
+
+
 # ------------------------------------------------------------------------------------------ table
 
 
@@ -245,13 +250,13 @@ def _rows(doc: dict) -> list[tuple[str, str, str, str]]:
         label = f"kNN (k={cfg.get('k', 20)}, T={cfg.get('temperature', 0.07):g})"
         rows += [("knn", "top1", label, "top-1"), ("knn", "top5", label, "top-5")]
     if "linear" in any_res:
-        rows.append(("linear", "top1", "linear probe", "top-1"))
+        rows.append(("linear", "top1", "linear probe (wd on held-out train)", "top-1"))
     if "finetune" in any_res:
-        ft = cfg.get("finetune", {})
+        ft = next(r["finetune"] for r in doc["results"].values() if "finetune" in r)
         frac = ft.get("label_fraction", 1.0)
-        label = f"fine-tune ({ft.get('epochs', '?')} ep" + (f", {frac:.0%} labels)" if frac < 1 else ")")
-        rows.append(("finetune", "top1", label, "top-1 last"))
-        rows.append(("finetune", "best_top1", label, "top-1 best"))
+        on = f"val n={ft['n_val']}" if ft.get("selected_on") == "validation" else "last step"
+        label = f"fine-tune ({ft.get('steps', '?')} steps" + (f", {frac:.0%} labels" if frac < 1 else "") + f"; {on})"
+        rows.append(("finetune", "top1", label, "top-1"))
     return rows
 
 
@@ -281,4 +286,5 @@ def format_table(doc: dict) -> str:
         + (f" of block {doc['features']['layer']}" if doc["features"]["layer"] is not None else "")
     )
     body = [fmt(lines[0]), "  ".join("-" * w for w in widths), *(fmt(r) for r in lines[1:])]
-    return "\n".join([head, *body, f"written: {doc['eval_json']} ({doc['seconds']:.1f}s)"])
+    chosen = [f"selection, {m}: {note}" for m, note in doc.get("selection", {}).items()]
+    return "\n".join([head, *body, *chosen, f"written: {doc['eval_json']} ({doc['seconds']:.1f}s)"])

@@ -198,10 +198,10 @@ def decode_partition(source, part, size: int) -> LabelledImages:
 
 
 def load_labelled_images(spec: str, size: int) -> LabelledImages:
-    """Every labelled sample's centre view at ``size``, in memory (fine-tuning's input; small sources).
+    """Every labelled sample's centre view at ``size``, in memory (small sources: tests, the benchmark's reference).
 
-    kNN and the linear probe never call this: their features are computed partition by partition
-    (``eval.feature_job``), so the driver holds no images.
+    Evaluation never calls this: features are computed partition by partition (``eval.feature_job``)
+    and fine-tuning streams its keys (``eval.stream``), so the driver holds no images.
     """
     source = open_labelled(spec)
     parts = [decode_partition(source, part, size) for part in source.partitions()]

@@ -4,20 +4,24 @@ BEiT's recipe, scaled down: layer-wise learning-rate decay (block ``i`` of ``dep
 ``lr * decay^(depth - i)``, the patch embedding, [CLS] and position embeddings
 ``lr * decay^(depth + 1)``, the head and final norms ``lr``: ``pipeline.train_worker.param_groups``),
 stochastic depth (drop path), AdamW without weight decay on biases, norms and embeddings, linear warmup
-then cosine decay per step, label smoothing, random-resized-crop + flip augmentation. Top-1 on the
-test split after every epoch. ``label_fraction`` trains on a deterministic, class-balanced subset of
-the training labels (e.g. 1% or 10%), where pretraining pays most.
+then cosine decay over *steps*, label smoothing, random-resized-crop + flip augmentation.
 
-The driver puts the decoded images and the encoder weights in the object store; every worker builds
-the model, takes its slice of each global batch (all ranks run the same number of steps) and its
-slice of the test set, and the counts are all-reduced. Every epoch reports a checkpoint (the
-classifier, AdamW, RNG states, the history), so a killed worker restarts inside the run from the
-newest finished epoch; the last epoch's checkpoint holds the history and the fine-tuned classifier.
+The schedule is in steps (``plan_steps``): ``steps`` when set, else ``epochs`` passes over the
+labelled subset but at least ``min_steps``, so 1% of the labels (a few batches an epoch) still trains
+to convergence. Every round (an epoch, or ``steps / evals`` when that is longer) the model is scored on
+the validation split carved from the labelled subset (``eval.finetune_data``) and the best round is
+kept; the test set is scored once, at the end, with the selected weights (the last round's when
+``val_fraction`` is 0). Nothing is chosen on the test set.
+
+Workers stream their share of the selected keys from the source's partitions
+(``eval.stream.LabelledStream``): the driver holds keys and labels, never images. Every round reports
+a checkpoint (the classifier, the selected one, AdamW, the RNG state, the history), so a killed
+worker restarts inside the run from the newest finished round; the last round's checkpoint holds the
+history and the selected classifier.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -31,6 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from eval.eval_config import FinetuneConfig
+from eval.finetune_data import FinetuneData
+from eval.stream import LabelledStream
 from pipeline.ray_context import cluster_has_gpu
 from pipeline.train_harness import FitSpec, fit
 from pipeline.tensors import normalize
@@ -39,50 +45,32 @@ from pipeline.train_worker import (WorkerEnv, apply_lr, derive_seed, load_torch,
                                    seed_everything, warmup_cosine, worker_env)
 
 
-# ----------------------------------------------------------------------------------- label subsets
+# -------------------------------------------------------------------------------------- schedule
 
 
-def class_balanced_subset(labels: np.ndarray, keys: list[str], fraction: float, seed: int = 0) -> np.ndarray:
-    """Sorted indices: from each class, the ``round(fraction * n_c)`` (at least 1) samples whose
-    ``sha256(seed:key)`` sort first. Deterministic, and independent of the source's order."""
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"label_fraction must be in (0, 1], got {fraction}")
-    labels = np.asarray(labels)
-    if fraction >= 1.0:
-        return np.arange(len(labels))
-    chosen: list[int] = []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        ranked = sorted(members, key=lambda i: hashlib.sha256(f"{seed}:{keys[i]}".encode()).digest())
-        chosen.extend(ranked[: max(1, int(round(fraction * len(members))))])
-    return np.asarray(sorted(chosen), dtype=np.int64)
+@dataclass(frozen=True)
+class StepPlan:
+    steps_per_epoch: int
+    total: int  # optimizer steps
+    warmup: int
+    interval: int  # steps per round (validation + checkpoint)
+
+    @property
+    def rounds(self) -> int:
+        return math.ceil(self.total / self.interval)
+
+    def steps_in(self, r: int) -> int:
+        return min(self.total, (r + 1) * self.interval) - r * self.interval
 
 
-# ----------------------------------------------------------------------------------- augmentation
-
-
-def random_resized_crop_flip(
-    x: torch.Tensor, gen: torch.Generator, scale: tuple[float, float] = (0.35, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> torch.Tensor:
-    """Per-sample random-resized crop (bilinear, back to the input size) and horizontal flip."""
-    from torchvision.ops import roi_align
-
-    b, _, h, w = x.shape
-    area = torch.empty(b).uniform_(*scale, generator=gen) * h * w
-    logr = torch.empty(b).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen)
-    cw = (area * logr.exp()).sqrt().clamp(4, w)
-    ch = (area / logr.exp()).sqrt().clamp(4, h)
-    x0 = torch.rand(b, generator=gen) * (w - cw)
-    y0 = torch.rand(b, generator=gen) * (h - ch)
-    boxes = torch.stack([torch.arange(b, dtype=torch.float32), x0, y0, x0 + cw, y0 + ch], 1).to(x)
-    out = roi_align(x, boxes, output_size=(h, w), spatial_scale=1.0, sampling_ratio=2, aligned=True)
-    flip = torch.rand(b, generator=gen) < 0.5
-    out[flip] = out[flip].flip(-1)
-    return out
-
-
-# ------------------------------------------------------------------------------------- train loop
+def plan_steps(n_train: int, world: int, cfg: FinetuneConfig) -> StepPlan:
+    """Steps per epoch of ``n_train`` items at ``batch_size x world``; total = ``steps``, else
+    ``max(epochs x steps_per_epoch, min_steps)``; a round per epoch, at most ``evals`` of them."""
+    per_epoch = max(1, math.ceil(n_train / (int(cfg.batch_size) * max(1, world))))
+    total = int(cfg.steps) if cfg.steps else max(cfg.epochs * per_epoch, int(cfg.min_steps))
+    warmup = int(cfg.warmup_steps) if cfg.warmup_steps is not None else int(round(cfg.warmup_epochs * per_epoch))
+    interval = max(min(per_epoch, total), math.ceil(total / cfg.evals))
+    return StepPlan(per_epoch, total, min(warmup, total), interval)
 
 
 def build_classifier(timm_kwargs: dict, state: dict, num_classes: int, drop_path: float, seed: int) -> torch.nn.Module:
@@ -101,69 +89,72 @@ def build_classifier(timm_kwargs: dict, state: dict, num_classes: int, drop_path
 
 @dataclass
 class FinetuneJob:
-    """What the driver hands every worker (images and encoder weights as object-store references)."""
+    """What the driver hands every worker (keys and encoder weights as object-store references)."""
 
     cfg: FinetuneConfig
-    data: Any  # ObjectRef of {"train_x", "train_y", "test_x", "test_y"} (uint8 NCHW images, int labels)
+    data: Any  # ObjectRef of a FinetuneData (keys and labels, no images)
     state: Any  # ObjectRef of the encoder's state dict
     encoder: dict[str, Any]  # timm_kwargs, mean, std, img_size, encoder_id
-    classes: list[str]
     num_classes: int
     seed: int
     use_gpu: bool
 
 
-def _prep(pixels: np.ndarray, env: WorkerEnv, mean: torch.Tensor, std: torch.Tensor,
-          gen: torch.Generator | None) -> torch.Tensor:
-    x = torch.from_numpy(np.array(pixels)).to(env.device)  # a copy: object-store arrays are read-only
-    if gen is None:
-        return normalize(x, mean, std)
-    x = random_resized_crop_flip(x.float().div_(255.0), gen)  # crops interpolate: in [0, 1], then standardise
-    return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+def _prep(pixels: torch.Tensor, env: WorkerEnv, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return normalize(pixels.to(env.device), mean, std)
 
 
-def _top1(model: torch.nn.Module, env: WorkerEnv, test_x, test_y, mean, std) -> torch.Tensor:
-    """Correct predictions on this rank's slice of the test set."""
+def _score(model: torch.nn.Module, env: WorkerEnv, stream: LabelledStream, mean, std,
+           mapping: torch.Tensor | None = None) -> torch.Tensor:
+    """[correct, count] over this rank's share of ``stream`` (float64, to be all-reduced). Pass the
+    unwrapped model: ranks may hold different batch counts, and a DDP forward is a collective."""
     model.eval()
-    correct = torch.zeros((), dtype=torch.float64)
+    out = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad(), env.autocast():
-        for start in range(0, len(test_x), 256):
-            logits = model(_prep(test_x[start : start + 256], env, mean, std, None))
-            correct += (logits.argmax(1).cpu() == test_y[start : start + 256]).sum().double()
-    return correct
+        for batch in stream:
+            y = batch["label"] if mapping is None else mapping[batch["label"]]
+            out[0] += (model(_prep(batch["image"], env, mean, std)).argmax(1).cpu() == y).sum().double()
+            out[1] += len(y)
+    return out
+
+
+@dataclass
+class _State:
+    """What a round boundary carries over: the history, the selected round and its weights."""
+
+    history: list[dict]
+    best: dict | None = None  # {"round", "step", "epoch", "val_top1"}
+    best_weights: dict[str, torch.Tensor] | None = None
 
 
 def train_loop_per_worker(job: FinetuneJob) -> None:
     cfg, enc = job.cfg, job.encoder
     env = worker_env(cpus=cfg.cpus_per_worker, use_gpu=job.use_gpu)
-    data, state = ray.get(job.data), ray.get(job.state)
-    core = build_classifier(enc["timm_kwargs"], state, job.num_classes, cfg.drop_path, job.seed)
+    data: FinetuneData = ray.get(job.data)
+    core = build_classifier(enc["timm_kwargs"], ray.get(job.state), job.num_classes, cfg.drop_path, job.seed)
     model = env.wrap(core)  # DDP when world > 1
     opt = torch.optim.AdamW(param_groups(core, cfg.weight_decay, layer_decay=cfg.layer_decay, base_lr=cfg.lr),
                             lr=cfg.lr, betas=(0.9, 0.999))
     mean = torch.tensor(enc["mean"], device=env.device)
     std = torch.tensor(enc["std"], device=env.device)
-    train_x, train_y = data["train_x"], torch.from_numpy(np.array(data["train_y"]))
-    test_x, test_y = data["test_x"][env.rank::env.world], torch.from_numpy(np.array(data["test_y"][env.rank::env.world]))
-    n, bs = len(train_x), int(cfg.batch_size)
-    global_batch = bs * env.world
-    steps_per_epoch = max(1, math.ceil(n / global_batch))
-    total = steps_per_epoch * cfg.epochs
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    aug_gen = torch.Generator().manual_seed(derive_seed(job.seed, env.rank))
-    start_epoch, history = _resume(core, opt, aug_gen, env)
-    step = start_epoch * steps_per_epoch
-    for epoch in range(start_epoch, cfg.epochs):
+    plan = plan_steps(len(data.train_keys), env.world, cfg)
+    size, bs = int(enc["img_size"]), int(cfg.batch_size)
+    stream = dict(rank=env.rank, world_size=env.world)
+    train = LabelledStream(data.train_spec, size, batch_size=bs, augment=cfg.augment, seed=derive_seed(job.seed, 1),
+                           keys=data.train_keys, **stream)
+    val = (LabelledStream(data.train_spec, size, batch_size=bs, keys=data.val_keys, cycle=False, **stream)
+           if data.val_keys else None)
+    start, st = _resume(core, opt, env)
+    step = sum(plan.steps_in(r) for r in range(start))
+    for r in range(start, plan.rounds):
         t0 = time.perf_counter()
         model.train()
-        order = np.resize(np.random.default_rng(derive_seed(job.seed, epoch)).permutation(n),
-                          steps_per_epoch * global_batch)
+        train.set_epoch(r)
+        train.batches_per_epoch = plan.steps_in(r)
         loss_sum, loss_n = torch.zeros((), dtype=torch.float64), 0
-        for s in range(steps_per_epoch):
-            idx = np.sort(order[s * global_batch + env.rank * bs : s * global_batch + (env.rank + 1) * bs])
-            apply_lr(opt, warmup_cosine(step, total, warmup, cfg.lr, cfg.min_lr))  # x each group's lr_scale
-            x = _prep(train_x[idx], env, mean, std, aug_gen if cfg.augment else None)
-            y = train_y[idx].to(env.device)
+        for batch in train:
+            apply_lr(opt, warmup_cosine(step, plan.total, plan.warmup, cfg.lr, cfg.min_lr))  # x each group's lr_scale
+            x, y = _prep(batch["image"], env, mean, std), batch["label"].to(env.device)
             with env.autocast():
                 loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
@@ -174,94 +165,105 @@ def train_loop_per_worker(job: FinetuneJob) -> None:
             loss_sum += float(loss.detach())
             loss_n += 1
             step += 1
-        correct = _top1(model, env, test_x, test_y, mean, std)
-        counts = env.all_reduce(torch.stack([correct, torch.tensor(float(len(test_x)), dtype=torch.float64), loss_sum,
-                                             torch.tensor(float(loss_n), dtype=torch.float64)]))
-        history.append({
-            "epoch": epoch + 1,
+        scored = _score(core, env, val, mean, std) if val is not None else torch.zeros(2, dtype=torch.float64)
+        counts = env.all_reduce(torch.cat([scored, torch.stack([loss_sum, torch.tensor(float(loss_n), dtype=torch.float64)])]))
+        h = {
+            "round": r + 1, "step": step, "epoch": round(step / plan.steps_per_epoch, 3),
             "train_loss": float(counts[2] / max(counts[3], 1)),
-            "top1": float(counts[0] / max(counts[1], 1)),
-            "lr": float(warmup_cosine(step - 1, total, warmup, cfg.lr, cfg.min_lr)),
+            "val_top1": float(counts[0] / counts[1]) if counts[1] > 0 else None,
+            "lr": float(warmup_cosine(step - 1, plan.total, plan.warmup, cfg.lr, cfg.min_lr)),
             "seconds": time.perf_counter() - t0,
-        })
-        h = history[-1]
-        env.say(f"fine-tune epoch {h['epoch']}/{cfg.epochs}: train loss {h['train_loss']:.4f}, "
-                f"top-1 {h['top1']:.1%} ({h['seconds']:.1f}s)")
-        # Ray Train V2 keeps metrics only with a checkpoint: every epoch reports one
-        last = epoch + 1 == cfg.epochs
-        write = _final_writer(job, core, history) if last else _resume_writer(core, opt, aug_gen, history)
-        report({"epoch": epoch + 1, "top1": h["top1"], "history": list(history)}, write=write)
+        }
+        st.history.append(h)
+        # ties go to the later round: with a small validation split, the longer-trained weights
+        if h["val_top1"] is not None and (st.best is None or h["val_top1"] >= st.best["val_top1"]):
+            st.best = {k: h[k] for k in ("round", "step", "epoch", "val_top1")}
+            st.best_weights = {k: v.detach().clone() for k, v in core.state_dict().items()}
+        val_txt = f", val top-1 {h['val_top1']:.1%} ({int(counts[1])})" if h["val_top1"] is not None else ""
+        env.say(f"fine-tune step {step}/{plan.total} (epoch {h['epoch']:g}): train loss {h['train_loss']:.4f}"
+                f"{val_txt} ({h['seconds']:.1f}s)")
+        if r + 1 < plan.rounds:
+            # Ray Train V2 keeps metrics only with a checkpoint: every round reports one
+            report({"round": r + 1}, write=_resume_writer(core, opt, st))
+            continue
+        if st.best_weights is not None:
+            core.load_state_dict(st.best_weights)
+        mapping = torch.tensor(data.test_mapping) if data.test_mapping is not None else None
+        test = LabelledStream(data.test_spec, size, batch_size=bs, keys=data.test_keys, cycle=False, **stream)
+        tc = env.all_reduce(_score(core, env, test, mean, std, mapping))
+        selected = st.best or {k: h[k] for k in ("round", "step", "epoch", "val_top1")}
+        result = {"top1": float(tc[0] / max(tc[1], 1)), "n_test_scored": int(tc[1]), "selected": selected,
+                  "history": list(st.history), "steps": plan.total, "steps_per_epoch": plan.steps_per_epoch}
+        env.say(f"fine-tune: test top-1 {result['top1']:.1%} with the weights of step {selected['step']} "
+                f"(selected on {data.selected_on})")
+        report(result, write=_final_writer(job, core, result))
 
 
-def _resume_writer(core: torch.nn.Module, opt: torch.optim.Optimizer, aug_gen: torch.Generator, history: list[dict]):
-    """A mid-run checkpoint: the classifier, AdamW, the RNG states (drop path, augmentation), the history."""
+def _resume_writer(core: torch.nn.Module, opt: torch.optim.Optimizer, st: _State):
+    """A mid-run checkpoint: the classifier, the selected weights, AdamW, the RNG state (drop path), the history."""
     def write(d: Path) -> None:
         save_weights(core, d / "model.safetensors")
+        if st.best_weights is not None:
+            save_weights(st.best_weights, d / "selected.safetensors")
         save_torch(opt.state_dict(), d / "optimizer.pt")
-        save_torch({"torch": torch.get_rng_state(), "augment": aug_gen.get_state()}, d / "rng.pt")
-        save_json(history, d / "history.json")
-        save_json({"epoch": len(history)}, d / "state.json")
+        save_torch({"torch": torch.get_rng_state()}, d / "rng.pt")
+        save_json(st.history, d / "history.json")
+        save_json({"rounds": len(st.history), "best": st.best}, d / "state.json")
     return write
 
 
-def _final_writer(job: FinetuneJob, core: torch.nn.Module, history: list[dict]):
-    """The last epoch's checkpoint: the history and, unless asked not to, the fine-tuned classifier
-    (timm Beit, with its head)."""
+def _final_writer(job: FinetuneJob, core: torch.nn.Module, result: dict):
+    """The last round's checkpoint: the history, the selection and, unless asked not to, the selected
+    fine-tuned classifier (timm Beit, with its head)."""
     def write(d: Path) -> None:
-        (d / "history.json").write_text(json.dumps(history, indent=1))
+        save_json(result["history"], d / "history.json")
+        save_json({k: result[k] for k in ("top1", "selected", "steps")}, d / "result.json")
         if job.cfg.keep_model:
             save_weights(core, d / "model.safetensors")
             kwargs = {**job.encoder["timm_kwargs"], "num_classes": job.num_classes, "drop_path_rate": 0.0}
-            (d / "config.json").write_text(json.dumps({
+            save_json({
                 "architecture": "beit", "timm_kwargs": kwargs, "img_size": job.encoder["img_size"],
-                "mean": job.encoder["mean"], "std": job.encoder["std"], "classes": job.classes,
+                "mean": job.encoder["mean"], "std": job.encoder["std"], "classes": job.encoder["classes"],
                 "source_encoder": job.encoder["encoder_id"],
-            }, indent=1))
+            }, d / "config.json")
     return write
 
 
-def _resume(core: torch.nn.Module, opt: torch.optim.Optimizer, aug_gen: torch.Generator,
-            env: WorkerEnv) -> tuple[int, list[dict]]:
-    """(first epoch, history) from this run's newest mid-run checkpoint (a restarted worker), else (0, [])."""
+def _resume(core: torch.nn.Module, opt: torch.optim.Optimizer, env: WorkerEnv) -> tuple[int, _State]:
+    """(first round, state) from this run's newest mid-run checkpoint (a restarted worker), else (0, empty)."""
     with restored() as d:
         if d is None or not (d / "state.json").is_file():
-            return 0, []
+            return 0, _State([])
         core.load_state_dict(load_weights(d / "model.safetensors", env.device), strict=True)
         opt.load_state_dict(load_torch(d / "optimizer.pt", env.device))
         rng = load_torch(d / "rng.pt")
-        history = json.loads((d / "history.json").read_text())
+        meta = json.loads((d / "state.json").read_text())
+        best_w = load_weights(d / "selected.safetensors", env.device) if (d / "selected.safetensors").is_file() else None
+        st = _State(json.loads((d / "history.json").read_text()), meta["best"], best_w)
     torch.set_rng_state(rng["torch"])
-    aug_gen.set_state(rng["augment"])
-    env.say(f"fine-tune: resuming after epoch {len(history)}")
-    return len(history), history
+    env.say(f"fine-tune: resuming after round {len(st.history)}")
+    return len(st.history), st
 
 
 def finetune(
     encoder,  # eval.features.Encoder
-    train,  # eval.features.LabelledImages
-    test,
+    data: FinetuneData,
     cfg: FinetuneConfig,
     *,
-    num_classes: int,
     seed: int,
     storage_path: str,
     name: str,
 ) -> dict:
-    """Run fine-tuning on Ray Train (Ray must be initialised); returns per-epoch top-1 and the final figure."""
-    subset = class_balanced_subset(train.labels, train.keys, cfg.label_fraction, seed)
-    data = {
-        "train_x": np.ascontiguousarray(train.pixels[subset]),
-        "train_y": train.labels[subset],
-        "test_x": test.pixels,
-        "test_y": test.labels,
-    }
+    """Run fine-tuning on Ray Train (Ray must be initialised): train on ``data``'s train keys, select on
+    its validation keys (or take the last round), score the test keys once; returns the figures."""
     state = {k: v.detach().cpu() for k, v in encoder.model.state_dict().items()}
     use_gpu = cluster_has_gpu() if cfg.use_gpu is None else cfg.use_gpu
+    num_classes = len(data.classes)
     job = FinetuneJob(
         cfg=cfg, data=ray.put(data), state=ray.put(state),
         encoder={"timm_kwargs": encoder.config["timm_kwargs"], "mean": list(encoder.mean), "std": list(encoder.std),
-                 "img_size": encoder.img_size, "encoder_id": encoder.encoder_id},
-        classes=list(train.classes), num_classes=num_classes, seed=seed, use_gpu=use_gpu,
+                 "img_size": encoder.img_size, "encoder_id": encoder.encoder_id, "classes": list(data.classes)},
+        num_classes=num_classes, seed=seed, use_gpu=use_gpu,
     )
     run_name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{np.random.default_rng().integers(1 << 30):08x}"
     t0 = time.perf_counter()
@@ -270,14 +272,20 @@ def finetune(
         use_gpu=use_gpu, keep_checkpoints=1, max_failures=cfg.max_failures))
     if not result.metrics or "history" not in result.metrics:
         raise RuntimeError(f"fine-tuning run {run_name} reported no metrics")
-    history = result.metrics["history"]
+    m = result.metrics
     return {
-        "top1": history[-1]["top1"],
-        "best_top1": max(h["top1"] for h in history),
-        "epochs": history,
+        "top1": m["top1"],
+        "selected_on": data.selected_on,
+        "selected": m["selected"],
+        "last_val_top1": m["history"][-1]["val_top1"],
+        "history": m["history"],
+        "steps": m["steps"],
+        "steps_per_epoch": m["steps_per_epoch"],
         "label_fraction": cfg.label_fraction,
-        "n_train": int(len(subset)),
-        "n_test": int(len(test)),
+        "n_labelled": len(data.train_keys) + len(data.val_keys),
+        "n_train": len(data.train_keys),
+        "n_val": len(data.val_keys),
+        "n_test": m["n_test_scored"],
         "workers": cfg.workers,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "seconds": time.perf_counter() - t0,

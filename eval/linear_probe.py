@@ -117,7 +117,8 @@ def linear_probe(
     batch_size: int = 256,
     seed: int = 0,
 ) -> dict:
-    """``{"top1", "train_top1", "weight_decay", "val_top1": {wd: acc}, "iterations", "converged", ...}``."""
+    """``{"top1", "train_top1", "weight_decay", "val_top1": {wd: acc}, "selected_on", "n_val", "iterations", ...}``;
+    ``selected_on`` is "validation" (a held-out part of the training set) or "fixed" (one weight decay)."""
     with _threads_for(int(np.size(train_x))):
         return _linear_probe(
             train_x, train_y, test_x, test_y, num_classes=num_classes, optimizer=optimizer, epochs=epochs, lr=lr,
@@ -135,9 +136,10 @@ def _linear_probe(train_x, train_y, test_x, test_y, *, num_classes, optimizer, e
 
     val_scores: dict[str, float] = {}
     chosen = weight_decays[0]
+    n_val = 0
     if len(weight_decays) > 1 and len(train_x) >= 10:
         perm = np.random.default_rng(seed).permutation(len(train_x))
-        n_val = max(1, int(round(val_fraction * len(train_x))))
+        n_val = max(1, int(round(val_fraction * len(train_x))))  # of the training features: never the test set
         val_idx, fit_idx = perm[:n_val], perm[n_val:]
         fx, vx = standardise(train_x[fit_idx], train_x[val_idx])
         fy = torch.as_tensor(train_y[fit_idx])
@@ -156,6 +158,8 @@ def _linear_probe(train_x, train_y, test_x, test_y, *, num_classes, optimizer, e
         "train_top1": accuracy(layer, x, train_y),
         "weight_decay": chosen,
         "val_top1": val_scores,
+        "selected_on": "validation" if val_scores else "fixed",  # the weight decay's choice
+        "n_val": n_val,
         "optimizer": optimizer,
         "n_train": int(len(train_x)),
         "n_test": int(len(test_x)),

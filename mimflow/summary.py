@@ -42,9 +42,8 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         for method, label in (("knn", "kNN top-1"), ("linear", "linear probe"), ("finetune", "fine-tune")):
             if method not in res.get("pretrained", {}):
                 continue
-            key = "best_top1" if method == "finetune" else "top1"
-            a = res["pretrained"][method].get(key)
-            b = res.get("random", {}).get(method, {}).get(key)
+            a = res["pretrained"][method].get("top1")  # fine-tune: selected on validation, not on test
+            b = res.get("random", {}).get(method, {}).get("top1")
             diff = f"{100 * (a - b):+.1f} pts" if b is not None else ""
             lines.append(f"  {label:<14}{_pct(a):>12}{_pct(b):>13}{diff:>12}")
         lines.append(f"eval results:     {results['eval']['eval']}")

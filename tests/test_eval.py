@@ -150,7 +150,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_label_fraction_is_class_balanced_and_deterministic():
-    from eval.finetune import class_balanced_subset
+    from eval.finetune_data import class_balanced_subset
 
     labels = np.repeat(np.arange(4), [100, 50, 20, 3])
     keys = [f"k{i}" for i in range(len(labels))]

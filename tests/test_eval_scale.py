@@ -164,7 +164,7 @@ DRIVER = textwrap.dedent("""
     import json, resource, sys
     import faiss, numpy as np, ray  # libraries mapped before the cap: it measures data, not code
     import eval.knn, eval.linear_probe, timm.models.beit
-    from eval.eval_config import EvalConfig, ProbeConfig
+    from eval.eval_config import EvalConfig, FinetuneConfig, ProbeConfig
     from eval.evaluate import run_eval
     from eval.features import load_labelled_images
 
@@ -176,8 +176,10 @@ DRIVER = textwrap.dedent("""
     vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
     cap = vm + int(headroom_mb) * 2**20
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    cfg = EvalConfig(encoder=encoder, train_source=spec, test_fraction=0.25, methods=["knn", "linear"],
-                     baseline="random", out=out, probe=ProbeConfig(epochs=20, weight_decays=[1e-3]))
+    cfg = EvalConfig(encoder=encoder, train_source=spec, test_fraction=0.25, methods=["knn", "linear", "finetune"],
+                     baseline="random", out=out, probe=ProbeConfig(epochs=20, weight_decays=[1e-3]),
+                     finetune=FinetuneConfig(epochs=1, batch_size=8, label_fraction=0.1, val_fraction=0.2,
+                                             augment=False, keep_model=False, workers=1, evals=1))
     doc = run_eval(cfg, address=address, verbose=True)
     print("RESULT " + json.dumps({"data": doc["data"], "results": doc["results"], "cap": cap}), flush=True)
     try:
@@ -193,8 +195,9 @@ DRIVER = textwrap.dedent("""
 def test_source_bigger_than_the_driver_memory_completes_through_ray(tmp_path, ray_local):
     """A driver capped (RLIMIT_AS) at 512 MiB above its footprint after start-up evaluates 600 images
     of 448 px (decoded centre views: 361 MB, twice that while concatenated) through Ray workers that are
-    not capped (the session's Ray, which the capped driver joins); decoding the same source in that
-    driver fails with MemoryError."""
+    not capped (the session's Ray, which the capped driver joins): kNN, the probe, and fine-tuning, whose
+    Ray Train worker streams the images (the driver lists keys and labels only); decoding the same
+    source in that driver fails with MemoryError."""
     from PIL import Image
 
     enc = write_encoder(tmp_path / "big-encoder", dim=16, depth=1, heads=2, patch=56, img_size=448)
@@ -218,6 +221,9 @@ def test_source_bigger_than_the_driver_memory_completes_through_ray(tmp_path, ra
     for name in ("pretrained", "random"):
         assert doc["results"][name]["knn"]["top1"] == 1.0  # two flat shades: trivially separable
         assert doc["results"][name]["knn"]["index"] == "flat"
+        ft = doc["results"][name]["finetune"]
+        assert ft["n_test"] == doc["data"]["n_test"] and ft["n_train"] + ft["n_val"] == ft["n_labelled"]
+        assert 40 <= ft["n_labelled"] <= 50 and 0.0 <= ft["top1"] <= 1.0  # 10% of the ~450 train images
     assert "DIRECT MemoryError" in r.stdout, out
 
 
