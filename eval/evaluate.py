@@ -119,11 +119,23 @@ def run_eval(cfg: EvalConfig, address: str | None = None, *, num_cpus: int | Non
                 part: {"cached": fs.cached, "path": fs.path, "seconds": round(fs.seconds, 3)}
                 for part, fs in (("train", train_fs), ("test", test_fs))
             }
+            n_available = len(train_fs.keys)
+            if "finetune" in cfg.methods and cfg.finetune.label_fraction < 1:
+                # like for like with the low-label fine-tune: kNN and the probe see the same labelled subset
+                import numpy as np
+
+                from eval.finetune_data import class_balanced_subset
+
+                chosen = class_balanced_subset(train_fs.labels, train_fs.keys, cfg.finetune.label_fraction, cfg.seed)
+                mask = np.zeros(n_available, dtype=bool)
+                mask[chosen] = True
+                train_fs = train_fs.subset(mask)
             mapping = class_mapping(train_fs.classes, test_fs.classes, plan.test)
             test_labels = mapping[test_fs.labels] if mapping is not None else test_fs.labels
             num_classes = len(train_fs.classes)
             data_info = {
                 "n_train": len(train_fs.keys),
+                "n_train_available": n_available,
                 "n_test": len(test_fs.keys),
                 "num_classes": num_classes,
                 "classes": list(train_fs.classes),

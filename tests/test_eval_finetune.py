@@ -118,7 +118,7 @@ def test_run_eval_finetune_with_baseline(tmp_path, ray_local):
     enc = write_encoder(tmp_path / "enc")
     cfg = EvalConfig(
         encoder=str(enc), train_source="shapes?n=40&size=32", test_source="shapes?n=20&size=32&split=test",
-        methods=["finetune"], baseline="random", out=str(tmp_path / "out"),
+        methods=["knn", "finetune"], baseline="random", out=str(tmp_path / "out"),
         finetune=FinetuneConfig(epochs=1, batch_size=16, workers=0, label_fraction=0.5, val_fraction=0.0,
                                 augment=False),
     )
@@ -127,6 +127,9 @@ def test_run_eval_finetune_with_baseline(tmp_path, ray_local):
         ft = doc["results"][name]["finetune"]
         assert len(ft["history"]) == 1 and 0.0 <= ft["top1"] <= 1.0 and ft["selected_on"] == "last"
         assert 20 <= ft["n_train"] <= 25 and ft["n_val"] == 0 and ft["n_test"] == 20  # half of 40, >= 1 per class
+        # kNN sees the same labelled subset as the low-label fine-tune (like for like), not all 40 labels
+        assert doc["results"][name]["knn"]["n_train"] == ft["n_labelled"]
+    assert doc["data"]["n_train"] == ft["n_labelled"] and doc["data"]["n_train_available"] == 40
     assert doc["delta"]["finetune"]["top1"] == pytest.approx(
         doc["results"]["pretrained"]["finetune"]["top1"] - doc["results"]["random"]["finetune"]["top1"]
     )

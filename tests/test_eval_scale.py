@@ -217,12 +217,13 @@ def test_source_bigger_than_the_driver_memory_completes_through_ray(tmp_path, ra
     out = r.stdout[:3000] + "\n...\n" + r.stdout[-3000:]
     assert r.returncode == 0, out
     doc = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))[7:])
-    assert doc["data"]["n_train"] + doc["data"]["n_test"] == 600 and doc["data"]["num_classes"] == 2
+    assert doc["data"]["n_train_available"] + doc["data"]["n_test"] == 600 and doc["data"]["num_classes"] == 2
     for name in ("pretrained", "random"):
         assert doc["results"][name]["knn"]["top1"] == 1.0  # two flat shades: trivially separable
         assert doc["results"][name]["knn"]["index"] == "flat"
         ft = doc["results"][name]["finetune"]
         assert ft["n_test"] == doc["data"]["n_test"] and ft["n_train"] + ft["n_val"] == ft["n_labelled"]
+        assert doc["results"][name]["knn"]["n_train"] == ft["n_labelled"] == doc["data"]["n_train"]  # one subset
         assert 40 <= ft["n_labelled"] <= 50 and 0.0 <= ft["top1"] <= 1.0  # 10% of the ~450 train images
     assert "DIRECT MemoryError" in r.stdout, out
 
