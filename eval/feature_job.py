@@ -85,10 +85,14 @@ def extract_features(
     fingerprint = source.fingerprint()
     out: dict[str, FeatureSet] = {}
     entries: dict[str, str] = {}
+    same_as: dict[str, str] = {}  # encoder name -> the name whose entry it shares (identical weights)
     for enc in encoders:
         entry = cache_entry(cache_dir, enc, spec, fingerprint, pooling, layer)
-        hit = read_entry(entry)
-        if hit is not None:
+        first = next((name for name, e in entries.items() if e == entry), None)
+        hit = None if first else read_entry(entry)
+        if first:
+            same_as[enc.name] = first
+        elif hit is not None:
             out[enc.name] = hit
         else:
             entries[enc.name] = entry
@@ -134,6 +138,8 @@ def extract_features(
         fs.seconds = time.perf_counter() - t0
         fs.stats = stats
         out[enc.name] = fs
+    for name, first in same_as.items():
+        out[name] = out[first]
     return out
 
 

@@ -114,6 +114,23 @@ def test_ray_path_gives_the_in_memory_features_and_figures(tmp_path, tiny_encode
         assert probe[0] == probe[1]
 
 
+def test_two_encoders_with_the_same_weights_share_one_cache_entry(tmp_path, tiny_encoder):
+    """The baseline may be the very encoder being evaluated (same id, same entry): computed once, both rows."""
+    import dataclasses
+
+    import eval.features as F
+    from eval.feature_job import extract_features
+
+    spec = f"{write_png_folder(tmp_path / 'data', {'a': 6, 'b': 6}, size=24)}?partition_size=5"
+    enc = F.load_encoder(tiny_encoder)
+    twin = dataclasses.replace(enc, name="random")
+    for _ in range(2):  # computed, then both from the cache
+        out = extract_features([enc, twin], spec, cache_dir=str(tmp_path / "cache"), workers=0)
+        assert out["pretrained"].features.shape == (12, enc.model.num_features)
+        assert np.array_equal(out["pretrained"].features, out["random"].features)
+    assert len(list((tmp_path / "cache").rglob("meta.json"))) == 1
+
+
 def test_rerun_after_a_failure_reuses_finished_partitions(tmp_path, tiny_encoder, monkeypatch, capsys):
     """Partitions finished before a crash are not decoded again; the entry is the same as one run's;
     a progress line (partitions, rate, ETA) every N partitions."""
