@@ -71,6 +71,9 @@ def commit_shards(
         source_kind="fixture", source_fingerprint="fixture", source_size=samples, partitions=len(rows),
         partition_size=max([r["samples"] for r in rows], default=0), shards=len(rows), samples=samples, errors=0,
         errors_file=errors_name([]), classes=classes, created=created.isoformat(),
+        shard_bytes=sum(r["bytes"] for r in rows),
+        image_bytes=sum(len(v) for ms in shards for m in ms for k, v in m.items() if k not in ("__key__", "mim")),
+        bytes_per_sample=round(sum(r["bytes"] for r in rows) / samples, 1) if samples else 0.0,
     )
     if manifest:
         commit_cache(cache_dir, info, rows, [])  # the builder's writer: the manifest last
