@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from pipeline.token_cache import (
     write_shard,
 )
 from pipeline.views import View, views_to_json
+from cache_fixture import format_2_members
 from test_cache_support import make_tokenizer, read_cache
 from tokenizer.cache_records import BUILD_DIR
 from tokenizer.cache_verify import verify_cache
@@ -107,13 +107,7 @@ def _to_format_2(cache_dir: str) -> list[tuple]:
         old = []
         for raw in read_shard(url):
             s = decode_sample(raw)
-            buf = io.BytesIO()
-            np.save(buf, s.tokens, allow_pickle=False)
-            m = {"__key__": s.key, s.fmt: s.image, "tokens.npy": buf.getvalue(),
-                 "views.json": views_to_json(s.width, s.height, s.views)}
-            if s.label is not None:
-                m["cls"] = str(s.label).encode()
-            old.append(m)
+            old.append(format_2_members(s))
             contents.append((s.key, s.fmt, s.image, s.tokens.tobytes(), s.width, s.height, s.views, s.label))
         Path(url).unlink()
         row["samples"], row["bytes"], row["sha256"] = write_shard(url, old)
