@@ -196,7 +196,7 @@ def codebook_report_line(tok_dir: str, out_root: str, report_dir: Path) -> dict:
     import numpy as np
 
     from eval.codebook.report import codebook_report
-    from pipeline.token_cache import check_cache, read_shard, shard_urls, tokens_from_npy
+    from pipeline.token_cache import check_cache, decode_sample, read_shard, shard_urls
     from tokenizer.checkpoint import tokenizer_id
 
     cache = str(Path(out_root) / tokenizer_id(tok_dir))
@@ -205,7 +205,7 @@ def codebook_report_line(tok_dir: str, out_root: str, report_dir: Path) -> dict:
     counts = np.zeros(info.vocab_size, np.int64)
     for url in shard_urls(cache, rows):
         for sample in read_shard(url):
-            counts += np.bincount(tokens_from_npy(sample["tokens.npy"]).ravel(), minlength=info.vocab_size)
+            counts += np.bincount(decode_sample(sample).tokens.ravel(), minlength=info.vocab_size)
     bare = time.perf_counter() - t0
     t0 = time.perf_counter()
     rep = codebook_report(cache, str(report_dir), tokenizer_dir=tok_dir, sample=16, quiet=True)

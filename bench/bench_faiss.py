@@ -155,7 +155,7 @@ def bench_report(size: dict) -> dict:
     import ray
 
     from eval.codebook.report import codebook_report
-    from pipeline.token_cache import read_shard, tokens_from_npy
+    from pipeline.token_cache import decode_sample, read_shard
 
     work = Path(tempfile.mkdtemp(prefix="bench-faiss-"))
     try:
@@ -165,7 +165,7 @@ def bench_report(size: dict) -> dict:
             counts = np.zeros(size["codes"], dtype=np.int64)
             for shard in sorted(cache.glob("shard-*.tar")):
                 for sample in read_shard(str(shard)):
-                    counts += np.bincount(tokens_from_npy(sample["tokens.npy"]).ravel(), minlength=size["codes"])
+                    counts += np.bincount(decode_sample(sample).tokens.ravel(), minlength=size["codes"])
             return counts
 
         t_bare, counts = clock(bare)

@@ -37,7 +37,7 @@ from pipeline import storage
 from pipeline.config import PATH, Range
 from pipeline.images import decode_rgb
 from pipeline.tensors import pixels
-from pipeline.token_cache import CacheError, decode_sample
+from pipeline.token_cache import CacheError, decode_sample, sample_error
 from pipeline.views import Interpolation, ViewStyle, draw_view, render_view
 
 AUGMENTS = ("views", "random_resized_crop")
@@ -73,20 +73,13 @@ class DataConfig:
         return ViewStyle(tuple(self.crop_scale), self.jitter, self.interp, self.tok_interp)
 
 
-def _unreadable(url: Any, key: Any, why: object) -> CacheError:
-    shard = str(url).rsplit("/", 1)[-1] if url else "a shard"
-    cache = str(url).rsplit("/", 1)[0] if url else "the cache"
-    why = " ".join(str(why).split())  # one line, whatever the underlying message
-    return CacheError(f"token cache: {shard}, sample {key!r}: {why}; run `mimflow tokens verify {cache}`")
-
-
 def _shard_error(exn: Exception) -> bool:
     """webdataset's exception handler: a damaged shard becomes one CacheError line naming it."""
     if isinstance(exn, CacheError):
         raise exn
     url = next((a for a in reversed(exn.args) if isinstance(a, str) and a.endswith(".tar")), None)
     first = exn.args[0] if exn.args else type(exn).__name__
-    raise _unreadable(url, None, f"unreadable tar ({type(exn).__name__}: {str(first).split(' @ ')[0]})") from None
+    raise sample_error(url, None, f"unreadable tar ({type(exn).__name__}: {str(first).split(' @ ')[0]})") from None
 
 
 class ShardOpener:
@@ -106,7 +99,7 @@ class ShardOpener:
             want = self.sha256.get(url)
             got = hashlib.sha256(data).hexdigest()
             if got != want:
-                raise _unreadable(url, None, f"sha256 {got[:12]}… differs from the manifest's {str(want)[:12]}…")
+                raise sample_error(url, None, f"sha256 {got[:12]}… differs from the manifest's {str(want)[:12]}…")
             yield {"url": url, "stream": io.BytesIO(data)}
 
 
@@ -162,11 +155,13 @@ class SampleTransform:
             img = decode_rgb(sample.image)
             if sample.tokens.ndim != 3 or sample.tokens.shape[0] != len(sample.views) or not sample.views:
                 raise ValueError(f"tokens of shape {tuple(sample.tokens.shape)} for {len(sample.views)} view(s)")
+        except CacheError:
+            raise  # decode_sample's own line already names the shard and the key
         except Exception as e:  # any damage inside a sample: name where it is, not a traceback
-            raise _unreadable(raw.get("__url__"), raw.get("__key__"), e) from None
+            raise sample_error(raw.get("__url__"), raw.get("__key__"), e) from None
         if self.vocab_size is not None and sample.tokens.size and int(sample.tokens.max()) >= self.vocab_size:
-            raise _unreadable(raw.get("__url__"), sample.key,
-                              f"token id {int(sample.tokens.max())} >= the vocabulary size {self.vocab_size}")
+            raise sample_error(raw.get("__url__"), sample.key,
+                               f"token id {int(sample.tokens.max())} >= the vocabulary size {self.vocab_size}")
         return sample, img
 
     def __call__(self, raw: dict[str, Any]) -> dict[str, torch.Tensor]:

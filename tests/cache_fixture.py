@@ -8,6 +8,7 @@ builder (``tokenizer.precompute.build_cache``) use it instead.
 
 from __future__ import annotations
 
+import io
 from datetime import datetime, timezone
 from typing import Any, Sequence
 
@@ -18,9 +19,9 @@ import torch.nn.functional as F
 from pipeline import storage
 from pipeline.images import decode_rgb
 from pipeline.tensors import to_tensor
-from pipeline.token_cache import CACHE_FORMAT, CacheInfo, commit_cache, encode_sample, errors_name, shard_name, write_shard
+from pipeline.token_cache import CACHE_FORMAT, CacheInfo, CacheSample, commit_cache, encode_sample, errors_name, shard_name, write_shard
 from pipeline.sources import Sample, open_source
-from pipeline.views import make_views, render_view
+from pipeline.views import make_views, render_view, views_to_json
 
 
 class PatchColorTokenizer(torch.nn.Module):
@@ -71,10 +72,25 @@ def commit_shards(
         source_kind="fixture", source_fingerprint="fixture", source_size=samples, partitions=len(rows),
         partition_size=max([r["samples"] for r in rows], default=0), shards=len(rows), samples=samples, errors=0,
         errors_file=errors_name([]), classes=classes, created=created.isoformat(),
+        shard_bytes=sum(r["bytes"] for r in rows),
+        image_bytes=sum(len(v) for ms in shards for m in ms for k, v in m.items() if k not in ("__key__", "mim")),
+        bytes_per_sample=round(sum(r["bytes"] for r in rows) / samples, 1) if samples else 0.0,
     )
     if manifest:
         commit_cache(cache_dir, info, rows, [])  # the builder's writer: the manifest last
     return cache_dir
+
+
+def format_2_members(s: CacheSample) -> dict[str, bytes]:
+    """A sample as mimflow wrote it before cache format 3: four tar members (the image, ``tokens.npy``,
+    ``views.json``, ``cls`` when labelled); for the old-layout tests and the cache-size benchmark."""
+    buf = io.BytesIO()
+    np.save(buf, s.tokens, allow_pickle=False)
+    members = {"__key__": s.key.encode(), s.fmt: s.image, "tokens.npy": buf.getvalue(),
+               "views.json": views_to_json(s.width, s.height, s.views)}
+    if s.label is not None:
+        members["cls"] = str(s.label).encode()
+    return members
 
 
 def write_cache(
@@ -114,4 +130,4 @@ def write_cache(
     )
 
 
-__all__ = ["PatchColorTokenizer", "commit_shards", "write_cache"]
+__all__ = ["PatchColorTokenizer", "commit_shards", "format_2_members", "write_cache"]

@@ -79,7 +79,7 @@ def test_a_token_id_beyond_the_vocabulary_is_a_one_line_cache_error(tmp_path):
 
 
 def test_a_sample_missing_a_member_is_a_one_line_cache_error(tmp_path):
-    cache = _fixture(tmp_path, drop="views.json")
+    cache = _fixture(tmp_path, drop="mim")
     with pytest.raises(CacheError) as e:
         _batches(cache, vocab=64)
     _one_line(e, "shard-000000.tar", "s005")

@@ -41,7 +41,7 @@ def test_json_round_trip_and_render():
 # --- the papers' views: colour jitter and each side's interpolation ----------------------------------------
 from PIL import ImageEnhance  # noqa: E402
 
-from pipeline.token_cache import CacheError, CacheInfo  # noqa: E402
+from pipeline.token_cache import CACHE_FORMAT, CacheError, CacheInfo  # noqa: E402
 from pipeline.views import View, ViewStyle  # noqa: E402
 
 BEIT = ViewStyle(scale=(0.08, 1.0), jitter=0.4, interp="bicubic", tok_interp="lanczos")
@@ -122,10 +122,11 @@ def test_view_style_key_round_trips_and_bad_values_name_the_field():
 
 
 def test_cache_info_without_a_view_style_is_an_old_cache_with_the_default_style():
-    info = CacheInfo(format=1, tokenizer_id="t", tokenizer_dir="d", kind="vqkd", vocab_size=8, grid=[2, 2],
+    info = CacheInfo(format=CACHE_FORMAT, tokenizer_id="t", tokenizer_dir="d", kind="vqkd", vocab_size=8, grid=[2, 2],
                      input_size=16, views=1, seed=0, source="s", source_kind="folder", source_fingerprint="f",
                      source_size=1, partitions=1, partition_size=1, shards=1, samples=1, errors=0,
-                     errors_file="e", classes=None, created="now", view_style=BEIT.key())
+                     errors_file="e", classes=None, created="now", shard_bytes=10, image_bytes=3,
+                     bytes_per_sample=10.0, view_style=BEIT.key())
     assert CacheInfo.from_json(info.to_json(), "m") == info
     doc = json.loads(info.to_json())
     del doc["view_style"]
@@ -146,7 +147,7 @@ def test_a_finished_shard_is_kept_only_for_the_same_view_style(tmp_path):
     beit = replace(params, style=BEIT)
     items = [Sample("k", b"img", "png", None, "o")]
     # a record written before view styles existed (no view_style key) is of the default style
-    rec = {"tokenizer_id": "id", "views": 4, "seed": 0, "partitions": 1, "source_fingerprint": "f",
+    rec = {"format": CACHE_FORMAT, "tokenizer_id": "id", "views": 4, "seed": 0, "partitions": 1, "source_fingerprint": "f",
            "shard": "shard-000000.tar", "sha256": file_sha256(str(tmp_path / "shard-000000.tar")),
            "digest": partition_digest(items, params, 16)}
     assert shard_current(rec, params) and shard_current(rec, params, rec["digest"])

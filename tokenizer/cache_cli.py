@@ -79,8 +79,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from tokenizer.cache_show import show
+    from pipeline.token_cache import check_cache
+    from tokenizer.cache_show import show, size_line
 
+    info, _ = check_cache(args.cache_dir)
+    print(f"{args.cache_dir}: {size_line(info)}")
     rows = show(args.cache_dir, args.out, args.keys, n=args.n, tokenizer_dir=args.tokenizer, cell=args.cell)
     decoded = " with dVAE decodes" if any(r.decoded is not None for r in rows) else ""
     print(f"wrote {args.out}: {len(rows)} view(s) of {len({r.key for r in rows})} sample(s){decoded}")

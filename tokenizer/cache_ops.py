@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import storage
-from pipeline.token_cache import MANIFEST, CacheError, CacheInfo, read_cache_info, read_manifest
+from pipeline.token_cache import CACHE_FORMAT, MANIFEST, CacheError, CacheInfo, read_cache_info, read_manifest
 from pipeline.views import ViewStyle
 from tokenizer.cache_records import BUILD_DIR, LEGACY, OWN_FILE, RECORD, load_records, remove_temporaries
 
@@ -39,7 +39,7 @@ def list_caches(out_root: str) -> list[CacheEntry]:
         info = None
         if complete:
             try:
-                info = read_cache_info(path)
+                info = read_cache_info(path, any_format=True)  # an older format is refreshed in place
             except CacheError:
                 info = None
         entries.append(CacheEntry(name, path, info, complete))
@@ -100,7 +100,9 @@ def refresh(
     else:
         info = current.info
         fingerprint = open_source(source_spec).fingerprint()
-        if info.source != source_spec:
+        if info.format != CACHE_FORMAT:
+            reason = f"cache format {info.format} -> {CACHE_FORMAT} (one .mim member per sample): every shard is rebuilt"
+        elif info.source != source_spec:
             reason = f"source changed: {info.source!r} -> {source_spec!r}"
         elif info.source_fingerprint != fingerprint:
             reason = f"source content changed (fingerprint {info.source_fingerprint} -> {fingerprint})"

@@ -4,7 +4,7 @@ A partition's record ``_build/part-<index>-<digest>.json`` is written after its 
 covers the partition's content (keys, labels, sha256 of every image's bytes) and the parameters its
 tokens depend on (tokenizer, input size, views, seed, view style), so a record names exactly the shard that the
 same input would produce again. ``shard_current`` is the one rule deciding whether a record's shard
-may be kept: the same build parameters, the same content, and the shard file's sha256 equal to the
+may be kept: the same cache format (sample layout), the same build parameters, the same content, and the shard file's sha256 equal to the
 record's (content, never size: a file name can be reused for other bytes).
 """
 
@@ -113,10 +113,12 @@ def shard_current(rec: dict[str, Any], params: BuildParams, digest: str | None =
     (the driver, before reading anything): of the same source fingerprint. Either way the build
     parameters must match and the shard file's sha256 must be the record's.
     """
-    from pipeline.token_cache import file_sha256
+    from pipeline.token_cache import CACHE_FORMAT, file_sha256
 
-    same = (rec.get("tokenizer_id"), rec.get("views"), rec.get("seed"), rec.get("partitions"),
+    # a shard of another sample layout (an old cache being refreshed) is rebuilt, never kept
+    same = (rec.get("format"), rec.get("tokenizer_id"), rec.get("views"), rec.get("seed"), rec.get("partitions"),
             rec.get("view_style", "")) == (
+        CACHE_FORMAT,
         params.tokenizer_id,
         params.views,
         params.seed,

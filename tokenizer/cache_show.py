@@ -1,6 +1,7 @@
 """``mimflow tokens show DIR [KEY…|--n 8] --out tokens.png``: look at what the cache holds.
 
-One row per (sample, view): the view as the tokenizer saw it (rebuilt from ``views.json`` with
+``size_line``: bytes per sample (the image's share and the rest), from the manifest's ``CacheInfo``.
+One row per (sample, view): the view as the tokenizer saw it (rebuilt from its stored views with
 ``pipeline.views.render_view``), its token map with every patch coloured by its id, and for a dVAE
 the image decoded from the stored tokens.
 """
@@ -40,6 +41,14 @@ class ShownRow:
     image: "Image.Image"
     tokens: np.ndarray
     decoded: "Image.Image | None" = None
+
+
+def size_line(info: CacheInfo) -> str:
+    """What the cache costs on disk per sample, and how much of it is the source images."""
+    n = max(1, info.samples)
+    image, rest = info.image_bytes / n, (info.shard_bytes - info.image_bytes) / n
+    return (f"{info.samples} samples in {info.shards} shard(s), {info.shard_bytes / 1e6:.2f} MB: "
+            f"{info.bytes_per_sample:.0f} bytes/sample ({image:.0f} image, {rest:.0f} tokens, views, label and tar)")
 
 
 def find_samples(cache_dir: str, keys: Sequence[str] = (), n: int = 8) -> list[CacheSample]:

@@ -1,8 +1,8 @@
 """``mimflow tokens verify DIR``: check a token cache against its manifest and its contract.
 
 Every shard listed in ``manifest.parquet``: present, its size and sha256 as listed, readable as a tar,
-the listed number of samples; every sample: an image member, ``tokens.npy`` of dtype uint16 and shape
-``[V, h, w]`` as the manifest's ``CacheInfo`` says, ids < vocab size, ``views.json`` with V views inside the image;
+the listed number of samples; every sample: one image member and a readable ``.mim`` member whose tokens
+have the shape ``[V, h, w]`` the manifest's ``CacheInfo`` says, ids < vocab size, and V views inside the image;
 keys unique across the whole cache; the counts add up (samples + errors = source size). Nothing is
 fixed: the report lists each problem, and a caller exits non-zero when there is one.
 """
@@ -17,17 +17,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 
 from pipeline import storage
 from pipeline.token_cache import (
+    SAMPLE_MEMBER,
     CacheError,
     CacheInfo,
     parse_shard,
     read_cache_info,
     read_errors,
     read_manifest,
-    tokens_from_npy,
+    unpack_meta,
 )
 from pipeline.views import views_from_json
 
@@ -104,42 +104,39 @@ def _check_sample(s: dict[str, Any], want: tuple, vocab: int, decode_images: boo
 
     problems = []
     images = [k for k in s if k in IMAGE_EXTENSIONS]
+    others = sorted(k for k in s if not k.startswith("__") and k not in IMAGE_EXTENSIONS and k != SAMPLE_MEMBER)
     if len(images) != 1:
         problems.append(f"expected one image member, found {images or 'none'}")
-    if "tokens.npy" not in s:
-        return problems + ["no tokens.npy"]
+    if others:
+        problems.append(f"unexpected member(s) {others}" + (" (cache format 2)" if "tokens.npy" in others else ""))
+    if SAMPLE_MEMBER not in s:
+        return problems + [f"no .{SAMPLE_MEMBER} member"]
     try:
-        tokens = tokens_from_npy(s["tokens.npy"])
-    except (ValueError, OSError, EOFError) as e:
-        return problems + [f"tokens.npy unreadable: {e}"]
-    if tokens.dtype != np.uint16:
-        problems.append(f"tokens dtype {tokens.dtype}, expected uint16")
+        tokens, views_json, _ = unpack_meta(s[SAMPLE_MEMBER])
+    except ValueError as e:
+        return problems + [f".{SAMPLE_MEMBER} unreadable: {e}"]
     if tuple(tokens.shape) != want:
         problems.append(f"tokens shape {tuple(tokens.shape)}, expected {want}")
     if tokens.size and int(tokens.max()) >= vocab:
         problems.append(f"token id {int(tokens.max())} >= vocab size {vocab}")
     try:
-        width, height, views = views_from_json(s["views.json"])
+        width, height, views = views_from_json(views_json)
         if len(views) != want[0]:
-            problems.append(f"views.json has {len(views)} views, expected {want[0]}")
+            problems.append(f"views JSON has {len(views)} views, expected {want[0]}")
         for v in views:
             x0, y0, x1, y1 = v.box
             if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
                 problems.append(f"view box {v.box} outside the {width}x{height} image")
     except (KeyError, ValueError, TypeError) as e:
-        problems.append(f"views.json unreadable: {e}")
-    if "cls" in s:
-        try:
-            int(s["cls"])
-        except ValueError:
-            problems.append(f"cls {s['cls'][:20]!r} is not an integer")
+        problems.append(f"views JSON unreadable: {e}")
+        width = height = None
     if decode_images and images:
         from pipeline.images import BadImageError, decode_rgb
 
         try:
             img = decode_rgb(s[images[0]])
-            if "views.json" in s and (img.width, img.height) != (width, height):
-                problems.append(f"image is {img.width}x{img.height}, views.json says {width}x{height}")
+            if width is not None and (img.width, img.height) != (width, height):
+                problems.append(f"image is {img.width}x{img.height}, the views JSON says {width}x{height}")
         except BadImageError as e:
             problems.append(f"image does not decode: {e.reason}")
     return problems

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from pipeline import storage
-from pipeline.token_cache import CacheError, encode_sample, shard_name, write_shard
+from pipeline.token_cache import CACHE_FORMAT, SAMPLE_MEMBER, CacheError, encode_sample, shard_name, write_shard
 from tokenizer.cache_records import (
     BUILD_DIR,
     BuildParams,
@@ -184,13 +184,16 @@ class PartitionEncoder:
                 shard = replacement_shard_name(index, digest)
             count, nbytes, sha = write_shard(storage.join(params.cache_dir, shard), samples)
         rec = self._record(part, digest, shard, count, nbytes, sha, errors)
-        rec.update(images=images, encode_s=round(time.perf_counter() - t0, 3), reused=False)
+        # the source image members' share of the shard: the rest is the cache's own overhead
+        image_bytes = sum(len(v) for s in samples for k, v in s.items() if k not in ("__key__", SAMPLE_MEMBER))
+        rec.update(image_bytes=image_bytes, images=images, encode_s=round(time.perf_counter() - t0, 3), reused=False)
         write_record(params.cache_dir, rec)  # after the shard: a record always names a complete shard
         return rec
 
     def _record(self, part, digest, shard, count, nbytes, sha, errors) -> dict[str, Any]:
         p = self.params
         return {
+            "format": CACHE_FORMAT,  # the sample layout its shard has
             "partition": part.index,
             "partitions": p.partitions,
             "digest": digest,

@@ -150,12 +150,13 @@ def _run_pool(
 
 
 def _committed(cache_dir: str) -> tuple[CacheInfo | None, list[dict[str, Any]]]:
-    """The committed cache info and manifest rows; (None, rows) for a manifest of an older format."""
+    """The committed cache info (of this format or the one before: a refresh rebuilds it with the same
+    partitions, views and seed) and manifest rows; (None, rows) for a manifest older still."""
     if not storage.exists(storage.join(cache_dir, MANIFEST)):
         return None, []
     rows = read_manifest(cache_dir)
     try:
-        return read_cache_info(cache_dir), rows
+        return read_cache_info(cache_dir, any_format=True), rows
     except CacheError:
         return None, rows  # rebuilt from scratch; its shards are still never overwritten
 
@@ -313,6 +314,7 @@ def _plan_commit(tok, source, params: BuildParams, parts, done: dict[int, dict],
     recs = [done[p.index] for p in parts]
     errors = [e for r in recs for e in r["errors"]]
     samples = sum(r["samples"] for r in recs)
+    shard_bytes = sum(r["bytes"] for r in recs)
     if samples + len(errors) != len(source):
         raise CacheError(
             f"counts do not add up: {samples} samples + {len(errors)} errors != {len(source)} source items"
@@ -355,6 +357,9 @@ def _plan_commit(tok, source, params: BuildParams, parts, done: dict[int, dict],
         errors_file=errors_name(errors),
         classes=source.classes,
         created=created.isoformat(),
+        shard_bytes=shard_bytes,
+        image_bytes=sum(r.get("image_bytes", 0) for r in recs),
+        bytes_per_sample=round(shard_bytes / samples, 1) if samples else 0.0,
         view_style=params.style.key(),
     )
     return info, rows, errors

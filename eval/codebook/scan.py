@@ -10,19 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.token_cache import CacheError, read_shard, tokens_from_npy
+from pipeline.token_cache import decode_sample, read_shard
 
 # Occurrence records: code, sample index in the shard, view, row, column.
 OCC_FIELDS = 5
-
-
-def _sample_tokens(shard: str, sample: dict[str, Any]) -> np.ndarray:
-    if "tokens.npy" not in sample:
-        raise CacheError(f"{shard}: sample {sample['__key__']!r} has no tokens.npy")
-    tokens = tokens_from_npy(sample["tokens.npy"])
-    if tokens.ndim != 3:
-        raise CacheError(f"{shard}: sample {sample['__key__']!r} has tokens of shape {tokens.shape}, expected [V, h, w]")
-    return tokens
 
 
 def scan_shard(shard: str, vocab_size: int, occurrences: int = 4) -> dict[str, Any]:
@@ -34,12 +25,13 @@ def scan_shard(shard: str, vocab_size: int, occurrences: int = 4) -> dict[str, A
     samples = read_shard(shard)
     parts, sizes, sample_labels, grids, views = [], [], [], set(), 0
     for sample in samples:
-        tokens = _sample_tokens(shard, sample)
+        cs = decode_sample(sample)  # the image bytes stay undecoded
+        tokens = cs.tokens
         grids.add(tuple(int(x) for x in tokens.shape[1:]))
         views += tokens.shape[0]
         parts.append(tokens.ravel())
         sizes.append(tokens.size)
-        sample_labels.append(int(sample["cls"]) if "cls" in sample else -1)
+        sample_labels.append(-1 if cs.label is None else cs.label)
     # one pass over the shard's tokens, not one histogram per sample
     flat = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
     owner = np.repeat(np.arange(len(samples)), sizes)
@@ -95,7 +87,6 @@ def render_patches(shard: str, requests: np.ndarray, input_size: int, grid: tupl
     """The image patch under each (sample, view, y, x) request: the cached view rebuilt exactly as
     the tokenizer saw it (``render_view`` at ``input_size``), cut into the token grid."""
     from pipeline.images import decode_rgb  # torch-free: a patch-drawing Ray worker starts in milliseconds
-    from pipeline.token_cache import decode_sample
     from pipeline.views import render_view
 
     samples = read_shard(shard)
@@ -122,7 +113,6 @@ def encode_sample_of_shard(shard: str, tokenizer_dir: str, limit: int, batch_siz
     import torch
 
     from pipeline.images import decode_rgb
-    from pipeline.token_cache import decode_sample
     from pipeline.tensors import to_tensor
     from pipeline.views import render_view
     from tokenizer.checkpoint import load_tokenizer
