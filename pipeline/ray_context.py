@@ -82,8 +82,28 @@ def start_local_ray(num_cpus: int | None, **init_kwargs) -> None:
         # one machine has no spot preemption to watch for; the watcher's actor logs an error line per run
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     }
+    runtime_env = {"env_vars": env, "worker_process_setup_hook": "pipeline.ray_context.quiet_ray_noise"}
     ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", dashboard_port=port,
-             runtime_env={"env_vars": env}, **init_kwargs)
+             runtime_env=runtime_env, **init_kwargs)
+
+
+# Ray loggers whose warnings say themselves that they are harmless when transient ("safe to ignore ...
+# CPU being overloaded"), but come with a full traceback: on a loaded machine, a screenful per minute.
+ONE_LINE_LOGGERS = ("ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client",)
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    record.exc_info, record.exc_text = None, None
+    return True
+
+
+def quiet_ray_noise() -> None:
+    """Worker setup hook of the Ray started here (every worker and actor of its jobs, Ray Train's
+    controller included): the known harmless warnings keep their one line and lose their traceback."""
+    for name in ONE_LINE_LOGGERS:
+        logger = logging.getLogger(name)
+        if _without_traceback not in logger.filters:
+            logger.addFilter(_without_traceback)
 
 
 def _bind_loopback() -> None:
