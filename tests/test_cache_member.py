@@ -132,6 +132,7 @@ def _contents(cache_dir: str) -> list[tuple]:
                    for s in read_cache(cache_dir)), key=lambda c: c[0])
 
 
+@pytest.mark.slow
 def test_a_format_2_cache_is_refused_then_refresh_rebuilds_it_losing_nothing(ray_local, tmp_path, capsys):
     from mimflow.cli import main
     from tokenizer.cache_ops import refresh

@@ -111,6 +111,7 @@ def test_finetune_streams_learns_and_selects_on_validation_not_test(tmp_path, ra
     assert model.head.out_features == 2 and meta["classes"] == ["bright", "dark"]
 
 
+@pytest.mark.slow
 def test_run_eval_finetune_with_baseline(tmp_path, ray_local):
     from eval.eval_config import EvalConfig, FinetuneConfig
     from eval.evaluate import format_table, run_eval
