@@ -18,6 +18,7 @@ from typing import Annotated, Any, Callable, ClassVar, Literal
 
 from pipeline import storage
 from pipeline.config import PATH, ConfigError, RECIPE, SOURCE, Range, load_config, save_config, to_dict
+from pipeline.views import ViewStyleFields
 
 
 @dataclass
@@ -27,8 +28,9 @@ class StageRecipe:
 
 
 @dataclass
-class PipelineConfig:
-    """``mimflow run``: which stages, on what data, with which recipe of each."""
+class PipelineConfig(ViewStyleFields):
+    """``mimflow run``: which stages, on what data, with which recipe of each. The cache's views are
+    drawn with the inherited view-style keys (crop_scale, jitter, interp, tok_interp), as ``tokens build``."""
 
     RECIPES: ClassVar[Path] = Path(__file__).parent / "recipes"
 
@@ -163,12 +165,12 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, log: Callable[
         tok_id = tokenizer_id(tok_dir)
 
         if "tokens" in cfg.stages:
-            key = _digest(tok_id, fingerprint, cfg.views, cfg.seed)
+            key = _digest(tok_id, fingerprint, cfg.views, cfg.seed, cfg.style().key())
             outputs, skipped = _stage(
                 stamps, "tokens", key,
                 lambda: {"cache": build_cache(
                     tok_dir, cfg.source, storage.join(out, "tokens"), cfg.views,
-                    batch_size=cfg.cache_batch_size, num_actors=cfg.cache_actors, seed=cfg.seed,
+                    batch_size=cfg.cache_batch_size, num_actors=cfg.cache_actors, seed=cfg.seed, style=cfg.style(),
                 ).cache_dir}, log,
             )
             results["tokens"] = outputs

@@ -18,10 +18,12 @@ import hashlib
 import json
 import math
 import random
-from dataclasses import dataclass, replace
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Annotated, Literal
 
 from PIL import Image, ImageEnhance
+
+from pipeline.config import Range
 
 # PIL filters by the names torchvision/timm use for them
 INTERPOLATIONS = {
@@ -89,6 +91,23 @@ class ViewStyle:
             return cls((lo, hi), float(kv["jitter"]), kv["interp"], kv["tok_interp"])
         except (KeyError, ValueError) as e:
             raise ValueError(f"view style {text!r} is not readable ({e})") from None
+
+
+@dataclass
+class ViewStyleFields:
+    """A ``ViewStyle`` as flat config keys, for the configs that build a cache (stage 1's ``tokens``
+    section, ``mimflow run``); ``style()`` is the value."""
+
+    crop_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])  # random views' crop area range
+    jitter: Annotated[float, Range(ge=0, le=1)] = 0.0  # colour-jitter strength (brightness, contrast, saturation)
+    interp: Interpolation = "bicubic"  # the ViT side's resampling
+    tok_interp: Interpolation = "bicubic"  # the tokenizer side's resampling
+
+    def style(self) -> ViewStyle:
+        return ViewStyle(tuple(self.crop_scale), self.jitter, self.interp, self.tok_interp)
+
+    def validate(self) -> None:
+        self.style()  # a bad crop scale is one line naming it
 
     def with_(self, **changes) -> "ViewStyle":
         return replace(self, **{k: v for k, v in changes.items() if v is not None})

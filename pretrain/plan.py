@@ -12,6 +12,7 @@ from typing import Any
 from pipeline import storage
 from pipeline.config import ConfigError
 from pipeline.token_cache import check_cache, shard_urls
+from pipeline.views import ViewStyle
 from pretrain.config import PretrainConfig
 from pretrain.flops import train_flops_per_image
 from pretrain.masking import make_masker, num_masked_for
@@ -39,6 +40,30 @@ class RunPlan:
     run_dir: str
     storage_path: str
     shard_sha256: dict[str, str] = field(default_factory=dict)  # url -> the manifest's sha256 (data.verify_shards)
+    notes: list[str] = field(default_factory=list)  # what the driver should tell the user before training
+
+
+def _describe_style(style: ViewStyle, random_views: bool) -> str:
+    sides = f"{style.interp} (ViT) / {style.tok_interp} (tokenizer)"
+    if not random_views:
+        return sides
+    return f"crop scale {style.scale[0]:g}..{style.scale[1]:g}, jitter {style.jitter:g}, {sides}"
+
+
+def style_note(cfg: PretrainConfig, cache_views: int, cache_style: str) -> str | None:
+    """With ``augment: views`` the cache's views are trained on, whatever ``data`` says of crops and
+    resampling: a recipe that names another style (BEiT's, say) must not pass unnoticed. With one view
+    per image only the resampling is drawn from the style."""
+    d = cfg.data
+    if d.augment != "views":
+        return None
+    ours, theirs = d.view_style(), ViewStyle.parse(cache_style)
+    random_views = cache_views > 1
+    if (ours == theirs) if random_views else ((ours.interp, ours.tok_interp) == (theirs.interp, theirs.tok_interp)):
+        return None
+    return (f"note: the cache's {cache_views} view(s) per image were drawn with {_describe_style(theirs, random_views)}; "
+            f"data's {_describe_style(ours, random_views)} is used only by augment: random_resized_crop "
+            f"(rebuild the cache with that style to train on it: `mimflow tokens build --help`)")
 
 
 def load_tokenizer(path: str):
@@ -98,7 +123,8 @@ def plan_run(cfg: PretrainConfig) -> RunPlan:
         train_flops_per_image=train_flops_per_image(cfg.model, d.img_size, out_dim, num_masked),
         run_dir=storage.join(storage_path, cfg.run_name), storage_path=storage_path,
         shard_sha256=dict(zip(shard_urls(d.tokens, rows), (r["sha256"] for r in rows))),
+        notes=[n for n in [style_note(cfg, info.views, info.view_style)] if n],
     )
 
 
-__all__ = ["RunPlan", "load_tokenizer", "plan_run"]
+__all__ = ["RunPlan", "load_tokenizer", "plan_run", "style_note"]

@@ -59,6 +59,8 @@ def run_pretrain(cfg: PretrainConfig, address: str | None = None, log: Callable[
         f"{plan.total_steps} steps ({plan.steps_per_epoch}/epoch, batch {cfg.data.batch_size} = "
         f"{cfg.workers}x{plan.per_worker_batch}), {plan.num_masked}/{plan.grid[0] * plan.grid[1]} patches masked "
         f"({cfg.mask.mode}) -> {plan.run_dir}")
+    for note in plan.notes:
+        log(f"pretrain: {note}")
     start = time.perf_counter()
     encoder_dir = storage.join(plan.run_dir, "encoder")
     done = finished_checkpoint(plan)

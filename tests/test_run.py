@@ -72,3 +72,22 @@ def test_unknown_stage_is_refused(tmp_path):
     cfg.stages = ["tokenizer", "pretrian"]
     with pytest.raises(ValueError, match="pretrian"):
         run_pipeline(cfg)
+
+
+@pytest.mark.timeout(300)
+def test_run_builds_the_cache_with_its_view_style(tmp_path, ray_local):
+    from pipeline.token_cache import CacheError, read_cache_info, read_manifest
+
+    cfg = _config(tmp_path / "run")
+    cfg.stages = ["tokenizer", "tokens"]
+    cfg.views, cfg.crop_scale, cfg.jitter, cfg.tok_interp = 2, [0.08, 1.0], 0.4, "lanczos"
+    out = run_pipeline(cfg, log=lambda _: None)
+    info = read_cache_info(out["tokens"]["cache"])
+    assert info.views == 2
+    assert info.view_style == "scale=0.08:1,jitter=0.4,interp=bicubic,tok_interp=lanczos"
+    assert sum(int(r["samples"]) for r in read_manifest(out["tokens"]["cache"])) == 64
+
+    cfg.jitter = 0.2  # another style is another cache: refused by name, the first one kept
+    with pytest.raises(CacheError, match="view style"):
+        run_pipeline(cfg, log=lambda _: None)
+    assert read_cache_info(out["tokens"]["cache"]).view_style == info.view_style

@@ -155,3 +155,21 @@ def test_a_finished_shard_is_kept_only_for_the_same_view_style(tmp_path):
     assert partition_digest(items, beit, 16) != rec["digest"]
     assert shard_current({**rec, "view_style": BEIT.key(), "digest": partition_digest(items, beit, 16)}, beit,
                          partition_digest(items, beit, 16))
+
+
+def test_pretraining_notes_a_recipe_style_the_cache_was_not_built_with():
+    from pipeline.config import load_config
+    from pretrain.config import PretrainConfig
+    from pretrain.plan import style_note
+
+    beit = load_config(PretrainConfig, "beit_base_patch16_224", [])
+    beit_style = beit.data.view_style().key()
+    assert style_note(beit, 4, beit_style) is None  # built as the recipe says
+    note = style_note(beit, 4, "")  # a cache with default views under BEiT's recipe
+    assert note is not None and "crop scale 0.4..1, jitter 0" in note and "crop scale 0.08..1, jitter 0.4" in note
+    # one view per image: only the resampling comes from the style
+    assert style_note(beit, 1, beit_style.replace("jitter=0.4", "jitter=0")) is None
+    assert "lanczos (tokenizer)" in style_note(beit, 1, "")
+    # fresh views: the cache's are not trained on, nothing to say
+    fresh = load_config(PretrainConfig, "beit_base_patch16_224", ["data.augment=random_resized_crop", "target=pixels"])
+    assert style_note(fresh, 4, "") is None

@@ -18,31 +18,20 @@ from pathlib import Path
 from typing import Annotated, Any, Sequence
 
 from pipeline.config import PATH, SOURCE, ConfigError, Range, apply_overrides, from_dict, read_yaml, resolve_recipe
-from pipeline.views import Interpolation, ViewStyle
+from pipeline.views import ViewStyleFields
 from tokenizer.train_config import TokenizerTrainConfig
 
 SECTIONS = ("tokenizer", "tokens")
 
 
 @dataclass
-class TokensConfig:
+class TokensConfig(ViewStyleFields):  # with the view style's keys: crop_scale, jitter, interp, tok_interp
     out: Annotated[str, PATH] = "out/tokens"  # cache root: the cache is out/<tokenizer_id>/
     source: Annotated[str | None, SOURCE] = None  # default: the source the tokenizer is trained on
     views: Annotated[int, Range(ge=1)] = 1
     batch_size: Annotated[int, Range(ge=1)] = 64
     actors: Annotated[int | None, Range(ge=1)] = None  # default: one per GPU, else one per CPU
     seed: int = 0
-    # the view style (pipeline.views.ViewStyle): random views' crop area and colour jitter, each side's resampling
-    crop_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
-    jitter: Annotated[float, Range(ge=0, le=1)] = 0.0
-    interp: Interpolation = "bicubic"
-    tok_interp: Interpolation = "bicubic"
-
-    def style(self) -> ViewStyle:
-        return ViewStyle(tuple(self.crop_scale), self.jitter, self.interp, self.tok_interp)
-
-    def validate(self) -> None:
-        self.style()  # a bad crop scale is one line naming it
 
 
 @dataclass
