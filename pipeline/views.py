@@ -92,6 +92,9 @@ class ViewStyle:
         except (KeyError, ValueError) as e:
             raise ValueError(f"view style {text!r} is not readable ({e})") from None
 
+    def with_(self, **changes) -> "ViewStyle":
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
 
 @dataclass
 class ViewStyleFields:
@@ -108,9 +111,6 @@ class ViewStyleFields:
 
     def validate(self) -> None:
         self.style()  # a bad crop scale is one line naming it
-
-    def with_(self, **changes) -> "ViewStyle":
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
 def centre_view(width: int, height: int, style: ViewStyle | None = None) -> View:
